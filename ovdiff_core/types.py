@@ -149,7 +149,9 @@ class PrototypeBank:
     def __post_init__(self) -> None:
         p = self.vectors.shape[0]
         if self.vectors.ndim != 2:
-            raise ValueError(f"PrototypeBank.vectors must be (P, D), got {tuple(self.vectors.shape)}")
+            raise ValueError(
+                f"PrototypeBank.vectors must be (P, D), got {tuple(self.vectors.shape)}"
+            )
         for name in ("foreground", "kinds", "image_index"):
             if tuple(getattr(self, name).shape) != (p,):
                 raise ValueError(f"PrototypeBank.{name} must have shape ({p},)")

@@ -21,7 +21,6 @@ records kept here and names the prototype that contributed most.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -209,24 +208,28 @@ def covered(coords: np.ndarray, start: int, length: int) -> np.ndarray:
 
 @dataclass
 class _Packed:
-    """Prototypes of one extractor padded per channel for one batched product."""
+    """Prototypes of one extractor in scoring-set order (sorted by label channel)."""
 
-    vectors: torch.Tensor  # (C + 1, Pmax, D), zero rows where padded
-    valid: torch.Tensor  # (C + 1, Pmax) bool
-    offsets: torch.Tensor  # (C + 1,) first scoring-set index of each channel
+    vectors: torch.Tensor  # (Q, D) float32, L2-normalised
+    offsets: list[int]  # (C + 2) channel c owns rows offsets[c]:offsets[c + 1]
     scoring: ScoringSet
-    flat_vectors: torch.Tensor  # (Q, D) in scoring-set order
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
 
 
 def _pack(extractor: str, kept: Sequence[Category], config: SegmentConfig) -> _Packed:
-    per_channel: list[list[tuple[torch.Tensor, int, int]]] = [[] for _ in range(len(kept) + 1)]
+    per_channel: list[list[tuple[torch.Tensor, int, torch.Tensor]]] = [
+        [] for _ in range(len(kept) + 1)
+    ]
     stuff_fg = [c.banks[extractor].vectors[c.banks[extractor].foreground] for c in kept if c.stuff]
     stuff_mat = torch.cat(stuff_fg) if stuff_fg else None
     dropped = 0
     for ci, cat in enumerate(kept, start=1):
         bank = cat.banks[extractor]
         fg_idx = torch.nonzero(bank.foreground).flatten()
-        per_channel[ci] += [(bank.vectors[i], ci, int(i)) for i in fg_idx]
+        per_channel[ci].append((bank.vectors[fg_idx], ci, fg_idx))
         if not config.background or cat.stuff:
             continue
         bg_idx = torch.nonzero(~bank.foreground).flatten()
@@ -234,41 +237,39 @@ def _pack(extractor: str, kept: Sequence[Category], config: SegmentConfig) -> _P
             close = (bank.vectors[bg_idx] @ stuff_mat.T).amax(1) > config.stuff_threshold
             dropped += int(close.sum())
             bg_idx = bg_idx[~close]
-        per_channel[0] += [(bank.vectors[i], ci, int(i)) for i in bg_idx]
+        per_channel[0].append((bank.vectors[bg_idx], ci, bg_idx))
 
     dim = kept[0].banks[extractor].dim
-    pmax = max(1, max(len(ch) for ch in per_channel))
-    vectors = torch.zeros(len(per_channel), pmax, dim)
-    valid = torch.zeros(len(per_channel), pmax, dtype=torch.bool)
-    channel: list[int] = []
-    source: list[int] = []
-    bank_index: list[int] = []
-    flat: list[torch.Tensor] = []
-    offsets: list[int] = []
+    vectors: list[torch.Tensor] = [torch.zeros(0, dim)]
+    channel: list[torch.Tensor] = []
+    source: list[torch.Tensor] = []
+    bank_index: list[torch.Tensor] = []
+    offsets = [0]
     for c, entries in enumerate(per_channel):
-        offsets.append(len(channel))
-        for j, (vec, src, bi) in enumerate(entries):
-            vectors[c, j] = vec
-            valid[c, j] = True
-            channel.append(c)
-            source.append(src)
-            bank_index.append(bi)
-            flat.append(vec)
+        for vec, src, idx in entries:
+            vectors.append(vec.float())
+            channel.append(torch.full((len(idx),), c, dtype=torch.long))
+            source.append(torch.full((len(idx),), src, dtype=torch.long))
+            bank_index.append(idx.long())
+        offsets.append(offsets[-1] + sum(len(e[2]) for e in entries))
+    empty = torch.zeros(0, dtype=torch.long)
     scoring = ScoringSet(
         extractor=extractor,
-        channel=torch.tensor(channel, dtype=torch.long),
-        source=torch.tensor(source, dtype=torch.long),
-        bank_index=torch.tensor(bank_index, dtype=torch.long),
+        channel=torch.cat(channel) if channel else empty,
+        source=torch.cat(source) if source else empty,
+        bank_index=torch.cat(bank_index) if bank_index else empty,
         dropped_by_stuff=dropped,
     )
-    flat_vectors = torch.stack(flat) if flat else torch.zeros(0, dim)
-    return _Packed(vectors, valid, torch.tensor(offsets), scoring, flat_vectors)
+    return _Packed(torch.cat(vectors).contiguous(), offsets, scoring)
 
 
 def score_cells(
     feats: torch.Tensor, packed: _Packed, floor: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-channel best prototype cosine at every cell of one view.
+
+    One (Q, D) x (D, h*w) product gives every prototype's cosine at every cell; each
+    channel's maximum is then taken over its contiguous rows.
 
     Args:
         feats: (D, h, w) features of the view.
@@ -280,18 +281,17 @@ def score_cells(
     """
     d, h, w = feats.shape
     f = F.normalize(feats.reshape(d, h * w).to(torch.float32), dim=0)
-    sims = torch.einsum("cpd,dn->cpn", packed.vectors, f)  # (C + 1, Pmax, h*w)
-    sims.masked_fill_(~packed.valid[:, :, None], -math.inf)
-    values, arg = sims.max(1)
-    has = packed.valid.any(1)
-    winners = torch.where(has[:, None], arg + packed.offsets[:, None], -1)
-    values = torch.where(has[:, None] & (values > floor), values, torch.zeros(()))
-    flat_sims = sims[packed.valid]  # (Q, h*w), channels in order == scoring-set order
-    return (
-        values.reshape(-1, h, w),
-        winners.reshape(-1, h, w),
-        flat_sims.reshape(-1, h, w),
-    )
+    sims = packed.vectors @ f  # (Q, h*w)
+    n_ch = len(packed.offsets) - 1
+    values = torch.zeros(n_ch, h * w)
+    winners = torch.full((n_ch, h * w), -1, dtype=torch.long)
+    for c in range(n_ch):
+        lo, hi = packed.offsets[c], packed.offsets[c + 1]
+        if hi > lo:
+            v, a = sims[lo:hi].max(0)
+            values[c] = torch.where(v > floor, v, torch.zeros(()))
+            winners[c] = a + lo
+    return values.reshape(n_ch, h, w), winners.reshape(n_ch, h, w), sims.reshape(-1, h, w)
 
 
 # --------------------------------------------------------------------------- segment
@@ -398,10 +398,10 @@ def segment(
                         f"extractor {ex.name!r} returned {tuple(feats.shape)}, "
                         "expected (1, D, h, w)"
                     )
-                if feats.shape[1] != packed.vectors.shape[2]:
+                if feats.shape[1] != packed.dim:
                     raise ValueError(
                         f"extractor {ex.name!r} gives {feats.shape[1]}-d features but the banks "
-                        f"hold {packed.vectors.shape[2]}-d prototypes; rebuild the banks"
+                        f"hold {packed.dim}-d prototypes; rebuild the banks"
                     )
                 values, winners, sims = score_cells(
                     feats[0].float().cpu(), packed, config.score_floor

@@ -1,7 +1,8 @@
 """On-disk cache of support sets and prototype banks, keyed by content.
 
 Each entry is one safetensors file whose header metadata carries the JSON description of
-the entry, its cache key and a SHA-256 checksum of every tensor's dtype, shape and bytes.
+the entry, its cache key and a SHA-256 checksum of every tensor's dtype, shape and bytes
+and of the JSON description.
 
 * Keys: SHA-256 of the canonical JSON of everything that determines the entry's bytes
   (see :meth:`Cache.key`). Category names enter keys, never paths: file names are a short
@@ -30,7 +31,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ovdiff_core.types import PrototypeBank, SupportSet, stable_hash
 
@@ -57,6 +58,11 @@ def safe_slug(name: str, max_len: int = 40) -> str:
     """Lower-case ASCII slug of ``name`` for file names: letters, digits and '-' only."""
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:max_len].strip("-")
     return slug or "x"
+
+
+def entry_checksum(tensors: dict[str, torch.Tensor], meta_json: str) -> str:
+    """SHA-256 over the tensors (see :func:`tensor_checksum`) and the entry's JSON text."""
+    return hashlib.sha256(f"{tensor_checksum(tensors)}|{meta_json}".encode()).hexdigest()
 
 
 def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -103,11 +109,12 @@ class Cache:
         path = self.path(kind, name, key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        meta_json = json.dumps(meta, sort_keys=True)
         header = {
             "ovdiff_format": str(_FORMAT),
             "ovdiff_key": key,
-            "ovdiff_meta": json.dumps(meta, sort_keys=True),
-            "ovdiff_checksum": tensor_checksum(tensors),
+            "ovdiff_meta": meta_json,
+            "ovdiff_checksum": entry_checksum(tensors, meta_json),
         }
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
         os.close(fd)
@@ -131,13 +138,14 @@ class Cache:
         try:
             from safetensors import safe_open
 
-            with safe_open(str(path), framework="pt") as f:
+            with safe_open(str(path), framework="pt") as f:  # one open: header and data agree
                 header = f.metadata() or {}
-            tensors = load_file(str(path))
+                tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+            meta_json = header.get("ovdiff_meta", "null")
             ok = header.get("ovdiff_key") == key and header.get(
                 "ovdiff_checksum"
-            ) == tensor_checksum(tensors)
-            meta = json.loads(header.get("ovdiff_meta", "null")) if ok else None
+            ) == entry_checksum(tensors, meta_json)
+            meta = json.loads(meta_json) if ok else None
         except (SafetensorError, OSError, ValueError, RuntimeError):
             ok, meta, tensors = False, None, {}
         if not ok or not isinstance(meta, dict):

@@ -2,10 +2,19 @@
 
 The part prototypes of a category are the centroids of K-means over all of its region
 features (about 40k points of 768 to 7680 dimensions in the paper's setting). This is
-written for that case: distances come from one matrix product per iteration, the seeding
-is the greedy variant of k-means++ (a few candidate centres per step, keep the one that
-lowers the potential most), and iterations stop as soon as the inertia stops improving
-by more than ``tol`` (relative) rather than waiting for centres to stop moving.
+written for that case:
+
+* distances come from one matrix product per iteration (float32 GEMM, squared norms of
+  the points computed once);
+* the seeding is the greedy variant of k-means++ (a few candidate centres per step, keep
+  the one that lowers the potential most), run on a random subsample of at most
+  ``SEED_SAMPLE`` points: seeding is sequential and memory-bound (one pass over the
+  points per centre), and a subsample of a few thousand points places the initial
+  centres about as well, after which Lloyd's iterations run on all points;
+* iterations stop as soon as the inertia improves by no more than ``tol`` (relative),
+  rather than waiting for centres to stop moving;
+* the result's centroids are recomputed as the exact means of their members (so part
+  prototypes can be traced back to the support cells that formed them).
 """
 
 from __future__ import annotations
@@ -16,6 +25,11 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["KMeansResult", "kmeans"]
+
+# The k-means++ seeding looks at a random subsample of at most this many points.
+SEED_SAMPLE = 8192
+# Rows per chunk when a pass over the points would otherwise build an (n, D) temporary.
+_CHUNK_ELEMENTS = 1 << 23
 
 
 @dataclass
@@ -44,29 +58,39 @@ def _sq_dists(x: torch.Tensor, x_sq: torch.Tensor, c: torch.Tensor) -> torch.Ten
 
 
 def _seed(x: torch.Tensor, x_sq: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
-    """Greedy k-means++: indices of k initial centres (fewer if points run out)."""
+    """Greedy k-means++: indices (into ``x``) of k initial centres, fewer if points run out."""
     n = x.shape[0]
     trials = 2 + int(math.log(k))
     first = int(torch.randint(n, (1,), generator=gen))
     chosen = [first]
     closest = _sq_dists(x, x_sq, x[first : first + 1])[:, 0]
     for _ in range(1, k):
-        potential = float(closest.sum())
-        if potential <= 0.0:  # every point coincides with a centre already
+        if float(closest.sum()) <= 0.0:  # every point coincides with a centre already
             break
         cand = torch.multinomial(closest, trials, replacement=True, generator=gen)
         d = _sq_dists(x, x_sq, x[cand])  # (n, trials)
-        new_closest = torch.minimum(closest[:, None], d)
-        best = int(new_closest.sum(0).argmin())
+        torch.minimum(d, closest[:, None], out=d)
+        best = int(d.sum(0).argmin())
         chosen.append(int(cand[best]))
-        closest = new_closest[:, best].contiguous()
+        closest = d[:, best].contiguous()
     return torch.tensor(chosen, dtype=torch.long)
 
 
 def _means(x: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k, D) means of the points of each label (zeros for empty labels), (k,) counts."""
     sums = torch.zeros(k, x.shape[1], dtype=x.dtype).index_add_(0, labels, x)
     counts = torch.bincount(labels, minlength=k)
     return sums / counts.clamp(min=1)[:, None].to(x.dtype), counts
+
+
+def _inertia(x: torch.Tensor, centres: torch.Tensor, labels: torch.Tensor) -> float:
+    """Sum of squared distances of points to their centre, computed directly in chunks."""
+    step = max(1, _CHUNK_ELEMENTS // max(1, x.shape[1]))
+    total = 0.0
+    for lo in range(0, x.shape[0], step):
+        diff = x[lo : lo + step] - centres[labels[lo : lo + step]]
+        total += float(diff.square().sum(dtype=torch.float64))
+    return total
 
 
 def kmeans(
@@ -79,7 +103,7 @@ def kmeans(
         k: requested number of clusters (>= 1). With n <= k every distinct point is its
             own cluster.
         seed: seed of the k-means++ sampling; equal inputs and seed give equal outputs.
-        max_iter: maximum Lloyd iterations.
+        max_iter: maximum Lloyd iterations (>= 1).
         tol: stop when ``(previous - current) inertia <= tol * previous``.
 
     Returns:
@@ -89,37 +113,47 @@ def kmeans(
         raise ValueError(f"kmeans: x must be (n, D) with n >= 1, got {tuple(x.shape)}")
     if k < 1:
         raise ValueError(f"kmeans: k must be >= 1, got {k}")
+    if max_iter < 1:
+        raise ValueError(f"kmeans: max_iter must be >= 1, got {max_iter}")
     x = x.detach().to(torch.float32).contiguous()
     n = x.shape[0]
     gen = torch.Generator().manual_seed(seed)
     x_sq = x.square().sum(1)
-    centres = x[_seed(x, x_sq, min(k, n), gen)].clone()
+    if not bool(torch.isfinite(x_sq).all()):  # NaN / inf anywhere in a row shows up here
+        raise ValueError("kmeans: x contains NaN or infinite values; clean the features first")
+
+    if n > SEED_SAMPLE:
+        sample = torch.randperm(n, generator=gen)[:SEED_SAMPLE]
+        start = sample[_seed(x[sample], x_sq[sample], min(k, n), gen)]
+    else:
+        start = _seed(x, x_sq, min(k, n), gen)
+    centres = x[start].clone()
 
     prev = math.inf
     it = 0
-    labels = torch.zeros(n, dtype=torch.long)
-    for it in range(1, max_iter + 1):  # noqa: B007 - n_iter is reported
-        d = _sq_dists(x, x_sq, centres)
-        mind, labels = d.min(1)
-        inertia = float(mind.sum())
+    for it in range(1, max_iter + 1):
+        mind, labels = _sq_dists(x, x_sq, centres).min(1)
+        inertia = float(mind.sum(dtype=torch.float64))
+        if math.isfinite(prev) and prev - inertia <= tol * prev:
+            break  # centres and labels of this assignment are final
+        prev = inertia
+        if it == max_iter:
+            break
         centres, counts = _means(x, labels, centres.shape[0])
         empty = torch.nonzero(counts == 0).flatten()
-        if len(empty):  # move empty centres onto the points farthest from their centre
+        if len(empty):
+            # Move empty centres onto the points farthest from their centre; those points
+            # are then at distance 0 from a centre, so the cluster is not empty next time.
             far = torch.topk(mind, len(empty)).indices
             centres[empty] = x[far]
             prev = math.inf
-            continue
-        if prev - inertia <= tol * prev:
-            break
-        prev = inertia
 
-    # Final assignment, then centroids as exact means of their members (provenance).
-    d = _sq_dists(x, x_sq, centres)
-    mind, labels = d.min(1)
+    # Centroids as the exact means of their members (provenance); drop empty clusters.
     used = torch.unique(labels)
     remap = torch.full((centres.shape[0],), -1, dtype=torch.long)
     remap[used] = torch.arange(len(used))
     labels = remap[labels]
     centres, _ = _means(x, labels, len(used))
-    inertia = float((x - centres[labels]).square().sum())
-    return KMeansResult(centroids=centres, labels=labels, inertia=inertia, n_iter=it)
+    return KMeansResult(
+        centroids=centres, labels=labels, inertia=_inertia(x, centres, labels), n_iter=it
+    )

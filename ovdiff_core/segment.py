@@ -280,8 +280,11 @@ def score_cells(
         every scoring-set prototype.
     """
     d, h, w = feats.shape
-    f = F.normalize(feats.reshape(d, h * w).to(torch.float32), dim=0)
-    sims = packed.vectors @ f  # (Q, h*w)
+    f = feats.reshape(d, h * w).to(torch.float32)
+    # Cosine = (prototype . feature) / |feature| (prototypes are unit vectors): scaling the
+    # product's columns is cheaper than writing a normalised copy of the features.
+    inv_norm = f.square().sum(0).sqrt_().clamp_(min=1e-12).reciprocal_()
+    sims = torch.mm(packed.vectors, f).mul_(inv_norm)  # (Q, h*w)
     n_ch = len(packed.offsets) - 1
     values = torch.zeros(n_ch, h * w)
     winners = torch.full((n_ch, h * w), -1, dtype=torch.long)

@@ -12,13 +12,14 @@ channel, groups them by prototype, and resolves the largest one to its support r
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ovdiff_core.segment import Segmentation, covered, interp_matrix, pixel_centres
-from ovdiff_core.types import PrototypeKind
+from ovdiff_core.segment import Segmentation, interp_matrix, pixel_centres
+from ovdiff_core.types import PrototypeBank, PrototypeKind
 
 __all__ = ["Contribution", "PixelTrace", "PrototypeRef", "SupportRegion", "decompose", "trace"]
 
@@ -120,19 +121,126 @@ def _check_point(seg: Segmentation, x: int, y: int) -> None:
             )
 
 
+@dataclass
+class _Axis:
+    """Bilinear taps of every input pixel along one axis of one view.
+
+    For input pixel ``i`` (a row or a column) inside the view, the view's cell map is
+    sampled at cells ``lo[i]`` and ``hi[i]`` with weights ``1 - frac[i]`` and ``frac[i]``
+    (the same numbers as :func:`ovdiff_core.segment.interp_matrix`).
+    """
+
+    inside: np.ndarray  # (n,) bool: pixel centre lies in the view
+    lo: np.ndarray  # (n,) int64
+    hi: np.ndarray  # (n,) int64
+    frac: np.ndarray  # (n,) float64
+
+    @staticmethod
+    def build(coords: np.ndarray, start: int, length: int, cells: int) -> _Axis:
+        u = np.clip((coords - start) * (cells / length) - 0.5, 0.0, cells - 1)
+        lo = np.floor(u).astype(np.int64)
+        return _Axis(
+            inside=(coords >= start) & (coords < start + length),
+            lo=lo,
+            hi=np.minimum(lo + 1, cells - 1),
+            frac=u - lo,
+        )
+
+    def taps(self, i: int) -> list[tuple[int, float]]:
+        """Non-zero (cell, weight) pairs of pixel ``i`` (cells merged when they coincide)."""
+        lo, hi, f = int(self.lo[i]), int(self.hi[i]), float(self.frac[i])
+        if lo == hi:
+            return [(lo, 1.0)]
+        return [(c, wt) for c, wt in ((lo, 1.0 - f), (hi, f)) if wt != 0.0]
+
+
+class _TraceIndex:
+    """Per-segmentation lookup tables, built on the first trace of a segmentation.
+
+    Holds the bilinear taps of every input row and column for every view, numpy views of
+    the per-cell records, and :class:`PrototypeRef` objects as they are first needed, so
+    that one trace costs a few dictionary and array lookups.
+    """
+
+    def __init__(self, seg: Segmentation) -> None:
+        h, w = seg.size
+        hp, wp = seg.processed_size
+        ys, xs = pixel_centres(h, hp), pixel_centres(w, wp)
+        self.key = (id(seg.views), len(seg.views), seg.size, seg.processed_size)
+        self.rows: list[_Axis] = []
+        self.cols: list[_Axis] = []
+        self.values: list[np.ndarray] = []
+        self.winners: list[np.ndarray] = []
+        for v in seg.views:
+            top, left, vh, vw = v.box
+            gh, gw = v.grid_size
+            self.rows.append(_Axis.build(ys, top, vh, gh))
+            self.cols.append(_Axis.build(xs, left, vw, gw))
+            self.values.append(v.values.numpy())
+            self.winners.append(v.winners.numpy())
+        self.source = {e: sc.source.numpy() for e, sc in seg.scoring.items()}
+        self.bank_index = {e: sc.bank_index.numpy() for e, sc in seg.scoring.items()}
+        self.refs: dict[tuple[str, int], PrototypeRef] = {}
+        # whole-view grid (gh, gw) -> (H, gh) and (gw, W) float32 interpolation matrices
+        self.sim_mats: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def similarity_matrices(
+        self, seg: Segmentation, grid: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        got = self.sim_mats.get(grid)
+        if got is None:
+            (h, w), (hp, wp) = seg.size, seg.processed_size
+            wy = interp_matrix(pixel_centres(h, hp), 0, hp, grid[0])
+            wx = interp_matrix(pixel_centres(w, wp), 0, wp, grid[1])
+            got = (
+                torch.from_numpy(wy).to(torch.float32),
+                torch.from_numpy(wx.T).to(torch.float32).contiguous(),
+            )
+            self.sim_mats[grid] = got
+        return got
+
+    def ref(self, seg: Segmentation, extractor: str, q: int) -> PrototypeRef:
+        key = (extractor, q)
+        got = self.refs.get(key)
+        if got is None:
+            cat = seg.categories[int(self.source[extractor][q]) - 1]
+            bank = cat.banks[extractor]
+            i = int(self.bank_index[extractor][q])
+            got = PrototypeRef(
+                extractor=extractor,
+                category=cat.name,
+                index=i,
+                kind=PrototypeKind(int(bank.kinds[i])),
+                foreground=bool(bank.foreground[i]),
+                image_index=int(bank.image_index[i]),
+            )
+            self.refs[key] = got
+        return got
+
+
+# id(segmentation) -> (weak reference to it, its index); entries leave with the object.
+_INDEXES: dict[int, tuple[weakref.ref[Segmentation], _TraceIndex]] = {}
+
+
+def _index(seg: Segmentation) -> _TraceIndex:
+    """The segmentation's :class:`_TraceIndex`, built on first use and kept while the
+    segmentation lives (outside the object, so copying or pickling it copies nothing)."""
+    key = (id(seg.views), len(seg.views), seg.size, seg.processed_size)
+    entry = _INDEXES.get(id(seg))
+    if entry is not None and entry[0]() is seg and entry[1].key == key:
+        return entry[1]
+    idx = _TraceIndex(seg)
+    ident = id(seg)
+
+    def forget(_: object) -> None:
+        _INDEXES.pop(ident, None)
+
+    _INDEXES[ident] = (weakref.ref(seg, forget), idx)
+    return idx
+
+
 def _ref(seg: Segmentation, extractor: str, q: int) -> PrototypeRef:
-    sc = seg.scoring[extractor]
-    cat = seg.categories[int(sc.source[q]) - 1]
-    bank = cat.banks[extractor]
-    i = int(sc.bank_index[q])
-    return PrototypeRef(
-        extractor=extractor,
-        category=cat.name,
-        index=i,
-        kind=PrototypeKind(int(bank.kinds[i])),
-        foreground=bool(bank.foreground[i]),
-        image_index=int(bank.image_index[i]),
-    )
+    return _index(seg).ref(seg, extractor, q)
 
 
 def decompose(seg: Segmentation, x: int, y: int, channel: int) -> list[Contribution]:
@@ -140,48 +248,68 @@ def decompose(seg: Segmentation, x: int, y: int, channel: int) -> list[Contribut
 
     Args:
         x, y: input-image pixel (column, row).
-        channel: label channel (0 = background).
+        channel: label channel (0 = background), ``0 <= channel < len(seg.class_names)``.
     """
     _check_point(seg, x, y)
-    h, w = seg.size
-    hp, wp = seg.processed_size
-    yc = pixel_centres(h, hp)[y : y + 1]
-    xc = pixel_centres(w, wp)[x : x + 1]
-    passes = []
-    for vi, v in enumerate(seg.views):
-        top, left, vh, vw = v.box
-        if len(covered(yc, top, vh)) and len(covered(xc, left, vw)):
-            passes.append(vi)
+    n_ch = len(seg.class_names)
+    if isinstance(channel, bool) or not isinstance(channel, (int, np.integer)):
+        raise ValueError(f"decompose: channel must be an integer label, got {channel!r}")
+    if not 0 <= int(channel) < n_ch:
+        raise ValueError(f"decompose: channel {channel} is not a label; need 0 <= channel < {n_ch}")
+    x, y, channel = int(x), int(y), int(channel)
+    idx = _index(seg)
+    passes = [
+        vi for vi in range(len(seg.views)) if idx.rows[vi].inside[y] and idx.cols[vi].inside[x]
+    ]
     out: list[Contribution] = []
     for vi in passes:
-        v = seg.views[vi]
-        top, left, vh, vw = v.box
-        gh, gw = v.grid_size
-        wy = interp_matrix(yc, top, vh, gh)[0]
-        wx = interp_matrix(xc, left, vw, gw)[0]
-        for i in np.flatnonzero(wy):
-            for j in np.flatnonzero(wx):
-                q = int(v.winners[channel, i, j])
+        ex = seg.views[vi].extractor
+        values, winners = idx.values[vi][channel], idx.winners[vi][channel]
+        col_taps = idx.cols[vi].taps(x)
+        for i, wy in idx.rows[vi].taps(y):
+            for j, wx in col_taps:
+                q = int(winners[i, j])
                 out.append(
                     Contribution(
                         view=vi,
-                        cell=(int(i), int(j)),
-                        prototype=_ref(seg, v.extractor, q) if q >= 0 else None,
-                        cosine=float(v.values[channel, i, j]),
-                        weight=float(wy[i] * wx[j]) / len(passes),
+                        cell=(i, j),
+                        prototype=idx.ref(seg, ex, q) if q >= 0 else None,
+                        cosine=float(values[i, j]),
+                        weight=wy * wx / len(passes),
                     )
                 )
     return out
 
 
 def _similarity_map(seg: Segmentation, ref: PrototypeRef, q: int) -> np.ndarray:
-    h, w = seg.size
-    hp, wp = seg.processed_size
-    sims = seg.whole_view_sims[ref.extractor][q].double()  # (gh, gw)
-    gh, gw = sims.shape
-    wy = torch.from_numpy(interp_matrix(pixel_centres(h, hp), 0, hp, gh))
-    wx = torch.from_numpy(interp_matrix(pixel_centres(w, wp), 0, wp, gw))
-    return (wy @ sims @ wx.T).to(torch.float32).numpy()
+    """(H, W) float32 cosine of scoring-set prototype ``q`` over the input image.
+
+    Bilinear interpolation of the whole-image view's cell map onto the input pixels'
+    centres (cell centres, edge-clamped), as the scores are made.
+    """
+    sims = seg.whole_view_sims[ref.extractor][q].to(torch.float32)  # (gh, gw)
+    wy, wxt = _index(seg).similarity_matrices(seg, (int(sims.shape[0]), int(sims.shape[1])))
+    return (wy @ (sims @ wxt)).numpy()
+
+
+def _member_masks(bank: PrototypeBank, p: int) -> dict[int, np.ndarray]:
+    """Same result as :meth:`PrototypeBank.member_masks`, built faster.
+
+    Columns are expanded first on the small (images, gh, gw) grid stack, then whole pixel
+    rows are repeated (contiguous copies), all images in one call each.
+    """
+    n, row, col = bank.members(p)
+    if len(n) == 0:
+        return {}
+    gh, gw = bank.grid_size
+    h, w = bank.image_size
+    images, slot = np.unique(n, return_inverse=True)
+    grids = np.zeros((len(images), gh, gw), dtype=bool)
+    grids[slot, row, col] = True
+    col_rep = np.diff((np.arange(gw + 1) * w) // gw)
+    row_rep = np.diff((np.arange(gh + 1) * h) // gh)
+    masks = np.repeat(np.repeat(grids, col_rep, axis=2), row_rep, axis=1)  # (images, H, W)
+    return {int(i): masks[k] for k, i in enumerate(images)}
 
 
 def trace(seg: Segmentation, x: int, y: int) -> PixelTrace:
@@ -194,6 +322,7 @@ def trace(seg: Segmentation, x: int, y: int) -> PixelTrace:
     x, y = int(x), int(y)
     label = int(seg.labels[y, x])
     contribs = decompose(seg, x, y, label)
+    idx = _index(seg)
     totals: dict[tuple[str, int], float] = {}
     weights: dict[tuple[str, int], float] = {}
     for c in contribs:
@@ -201,7 +330,7 @@ def trace(seg: Segmentation, x: int, y: int) -> PixelTrace:
             continue
         key = (
             seg.views[c.view].extractor,
-            int(seg.views[c.view].winners[label, c.cell[0], c.cell[1]]),
+            int(idx.winners[c.view][label, c.cell[0], c.cell[1]]),
         )
         totals[key] = totals.get(key, 0.0) + c.weight * c.cosine
         weights[key] = weights.get(key, 0.0) + c.weight
@@ -211,14 +340,14 @@ def trace(seg: Segmentation, x: int, y: int) -> PixelTrace:
     sim_map = np.zeros(seg.size, dtype=np.float32)
     if totals:
         best = max(totals, key=lambda k: (totals[k], weights[k]))
-        winner = _ref(seg, best[0], best[1])
+        winner = idx.ref(seg, best[0], best[1])
         share = totals[best]
         cosine = share / weights[best] if weights[best] > 0 else 0.0
         cat = next(c for c in seg.categories if c.name == winner.category)
         bank = cat.banks[winner.extractor]
-        for idx, mask in bank.member_masks(winner.index).items():
-            img = cat.support.images[idx] if cat.support is not None else None
-            regions.append(SupportRegion(image_index=idx, mask=mask, image=img))
+        for i, mask in _member_masks(bank, winner.index).items():
+            img = cat.support.images[i] if cat.support is not None else None
+            regions.append(SupportRegion(image_index=i, mask=mask, image=img))
         sim_map = _similarity_map(seg, winner, best[1])
     scores = {n: float(seg.scores[k, y, x]) for k, n in enumerate(seg.class_names)}
     return PixelTrace(

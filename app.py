@@ -1,0 +1,47 @@
+"""Launch OVDiff Explorer: ``python app.py [--backend real|tiny|color] [--preset cpu|paper]``.
+
+``--backend tiny`` runs the identical UI offline with tiny random-weight models (CI);
+``--backend color`` runs it on the colour world, with no neural network at all.
+The backend can also be set with the ``OVDIFF_BACKEND`` environment variable and the
+cache folder with ``OVDIFF_CACHE``. Serves on 127.0.0.1 only unless ``--host`` says so.
+"""
+
+import argparse
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from demo.app import CSS, MARKER_JS, build_demo
+from demo.models import ASSETS, BACKENDS, PRESETS, make_model_factory
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default=os.environ.get("OVDIFF_BACKEND", "real")
+    )
+    parser.add_argument("--preset", choices=PRESETS, default="cpu")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 7860)))
+    parser.add_argument("--cache-dir", default=os.environ.get("OVDIFF_CACHE"))
+    args = parser.parse_args()
+    if args.backend not in BACKENDS:
+        parser.error(f"OVDIFF_BACKEND must be one of {BACKENDS}, got {args.backend!r}")
+    demo = build_demo(
+        make_model_factory(args.backend, args.cache_dir),
+        backend=args.backend,
+        default_preset=args.preset,
+    )
+    demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=False,
+        css=CSS,
+        js=MARKER_JS,
+        allowed_paths=[str(ASSETS)],
+        footer_links=["api", "settings"],
+    )
+
+
+if __name__ == "__main__":
+    main()

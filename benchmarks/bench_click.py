@@ -1,0 +1,171 @@
+"""Click-to-trace latency of the demo in a real browser (headless Chromium).
+
+Starts ``app.py`` (tiny random-weight models by default), builds categories, segments an
+example photo, then clicks N pixels of the segmentation. For each click it measures the
+time from the mouse click to the trace panel showing the clicked pixel *with* its new
+similarity image loaded and the bar chart drawn. For comparison it also times the same
+handler (:meth:`demo.app.DemoApp.trace_at`, i.e. ``ovdiff_core.trace`` plus rendering)
+in-process, without browser or network, on the same kind of model.
+
+Usage::
+
+    python benchmarks/bench_click.py [--backend tiny|color] [--clicks 20] [--image PATH]
+
+Needs Playwright for Python and Debian's Chromium (``apt-get install chromium``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from demo.testing import (  # noqa: E402
+    CHROMIUM_ARGS,
+    chromium_path,
+    click_image_pixel,
+    run_app,
+    sim_src,
+    wait_for_trace_change,
+)
+
+WARMUP = 2  # clicks before the measured ones
+DEFAULT_NAMES = {"tiny": "cat, sofa, grass", "color": "cat, sofa, lamp, grass"}
+DEFAULT_IMAGE = {"tiny": "assets/cat.jpg", "color": "assets/colour_scene.png"}
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100])."""
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, math.ceil(q / 100.0 * len(s)) - 1))
+    return s[k]
+
+
+def _points(width: int, height: int, n: int) -> list[tuple[int, int]]:
+    """n distinct pixels spread over the image (a coarse grid, row by row)."""
+    cols = max(2, int(n**0.5) + 1)
+    rows = max(2, -(-n // cols))
+    pts = []
+    for r in range(rows):
+        for c in range(cols):
+            pts.append((int((c + 0.5) * width / cols), int((r + 0.5) * height / rows)))
+    return pts[:n]
+
+
+def browser_latencies(
+    backend: str, names: str, image: Path, clicks: int
+) -> tuple[list[float], float]:
+    """(click-to-trace-rendered seconds per click, build seconds)."""
+    from playwright.sync_api import sync_playwright
+
+    exe = chromium_path()
+    if exe is None:
+        raise SystemExit("Chromium not found: apt-get install chromium")
+    out: list[float] = []
+    warm: list[float] = []
+    with run_app(backend) as app, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(app.url)
+        page.wait_for_selector("#build", timeout=60000)
+        page.fill("#names textarea", names)
+        t0 = time.perf_counter()
+        page.click("#build")
+        page.wait_for_function(
+            "() => document.querySelector('#build-status')?.innerText.includes('Ready')",
+            timeout=600000,
+        )
+        build_s = time.perf_counter() - t0
+        page.get_by_role("tab", name="3 · Segment & trace").click()
+        page.set_input_files("#upload input[type=file]", str(image))
+        page.wait_for_selector("#upload img", timeout=30000)
+        page.click("#segment")
+        page.wait_for_selector("#legend .ovd-legend", timeout=300000)
+        page.wait_for_function("() => document.querySelector('#overlay img')?.complete")
+        size = page.evaluate(
+            "() => {const i = document.querySelector('#overlay img');"
+            " return [i.naturalWidth, i.naturalHeight];}"
+        )
+        # WARMUP clicks first (first plotly draw, lazy chunks), timed but not counted
+        pts = _points(size[0], size[1], clicks + WARMUP)
+        for i, (x, y) in enumerate(pts):
+            old = sim_src(page)
+            t = time.perf_counter()
+            gx, gy = click_image_pixel(page, "#overlay", x, y)
+            wait_for_trace_change(page, gx, gy, old)
+            (out if i >= WARMUP else warm).append(time.perf_counter() - t)
+        browser.close()
+    print("warm-up clicks (not counted), ms:", [round(v * 1000) for v in warm])
+    return out, build_s
+
+
+def handler_latencies(backend: str, names: str, image: Path, clicks: int) -> list[float]:
+    """Seconds of ``DemoApp.trace_at`` per click, in-process (no browser, no network)."""
+    from demo.app import DemoApp, Session
+    from demo.models import backend_info, make_model_factory
+
+    with tempfile.TemporaryDirectory() as cache:
+        app = DemoApp(make_model_factory(backend, cache), backend_info(backend))
+        session = Session()
+        for _ in app.build(names, [], "cpu", backend_info(backend).default_support, session):
+            pass
+        seg = app.segment(str(image), session)[2]
+        h, w = seg.size
+        pts = _points(w, h, clicks + WARMUP)
+        out = []
+        for i, (x, y) in enumerate(pts):
+            t = time.perf_counter()
+            app.trace_at(seg, [x, y])
+            if i >= WARMUP:
+                out.append(time.perf_counter() - t)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="tiny", choices=["tiny", "color"])
+    parser.add_argument("--clicks", type=int, default=20)
+    parser.add_argument("--names", default=None)
+    parser.add_argument("--image", default=None)
+    args = parser.parse_args()
+    names = args.names or DEFAULT_NAMES[args.backend]
+    image = ROOT / (args.image or DEFAULT_IMAGE[args.backend])
+
+    browser, build_s = browser_latencies(args.backend, names, image, args.clicks)
+    handler = handler_latencies(args.backend, names, image, args.clicks)
+    print(
+        f"backend={args.backend} categories='{names}' image={image.name} clicks={args.clicks} "
+        f"(build in browser: {build_s:.1f} s)"
+    )
+    print()
+    print("| measurement | p50 ms | p95 ms | min ms | max ms |")
+    print("|---|---|---|---|---|")
+    for label, vals in (
+        ("click -> trace rendered (browser)", browser),
+        ("trace handler only (in-process)", handler),
+    ):
+        ms = [v * 1000 for v in vals]
+        print(
+            f"| {label} | {statistics.median(ms):.0f} | {_percentile(ms, 95):.0f} | "
+            f"{min(ms):.0f} | {max(ms):.0f} |"
+        )
+    ratio = statistics.median(browser) / max(statistics.median(handler), 1e-9)
+    print()
+    print(f"browser p50 / handler p50 = {ratio:.1f}x (the rest is transport, encoding, drawing)")
+    load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"machine: {os.cpu_count()} CPUs, load average (1, 5, 15 min) {load}")
+    print("goal: browser p95 < 300 ms ->", "met" if _percentile(browser, 95) < 0.3 else "NOT met")
+
+
+if __name__ == "__main__":
+    main()

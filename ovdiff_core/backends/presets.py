@@ -1,0 +1,332 @@
+"""Named end-to-end configurations and the factory that builds an :class:`OVDiff` from one.
+
+A :class:`Preset` says which generator settings, feature extractors (with model ids),
+pre-filter model, prototype and segmentation settings to use. :func:`build_ovdiff` turns a
+preset into a ready :class:`ovdiff_core.pipeline.OVDiff`, with either the real models
+(``backend="real"``: Hugging Face cache or download, see
+:mod:`ovdiff_core.backends.loading`) or tiny random models of the same classes
+(``backend="tiny"``: offline, seconds on a CPU; for tests, CI and trying the app without
+weights). Both backends build the same object graph: an ``SDSupportGenerator`` over a
+``StableDiffusionPipeline``, the preset's ``FeatureExtractor`` classes, a ``ClipScorer``.
+
+Presets:
+
+* ``"paper"``: the authors' configuration (SD v1.5 30 steps, 32 images at 512 px; SD +
+  DINO ViT-B/8 + CLIP ViT-B/16 features; 448 px sliding windows). Needs a GPU.
+* ``"cpu"``: one class within about three minutes on a 2-core CPU
+  (``benchmarks/bench_presets.py``): the generator's :data:`GENERATION_CPU` (SD-Turbo,
+  1-2 steps without guidance, 8 images, TAESD decoder); CLIP ViT-B/16 + DINOv2-S/14 key
+  features (no SD features: a full-VAE encode and a UNet pass per image would add about
+  as much time as generation itself); masks from DINOv2-S/14 feature clusters; one
+  whole-image view at 320 px for segmentation.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ovdiff_core.backends.generator import GENERATION_CPU, GENERATION_PAPER, GenerationConfig
+from ovdiff_core.backends.loading import MODELS
+from ovdiff_core.config import FAST_SEGMENT, PAPER_SEGMENT, PrototypeConfig, SegmentConfig
+
+if TYPE_CHECKING:
+    from ovdiff_core.pipeline import OVDiff
+    from ovdiff_core.protocols import FeatureExtractor
+
+__all__ = ["PRESETS", "ExtractorConfig", "Preset", "build_ovdiff"]
+
+EXTRACTOR_KINDS = ("sd", "dino", "dinov2", "clip")
+
+
+@dataclass(frozen=True)
+class ExtractorConfig:
+    """One feature extractor of a preset."""
+
+    kind: str  # "sd" (UNet queries), "dino" (ViT keys), "dinov2" (DINOv2 keys), "clip" (keys)
+    model_id: str | None = None  # hub id or local dir; None = the kind's default, which the
+    #   OVDIFF_{SD,DINO,DINOV2,CLIP}_MODEL environment variables override ("sd": the
+    #   generator's model, so that both share one UNet)
+    revision: str | None = None  # hub revision of model_id
+    layer: int | None = None  # block index; None = the paper's (-1 DINO, -2 CLIP)
+    input_size: int | None = None  # fixed square input side; None = each image's own size
+
+    def __post_init__(self) -> None:
+        if self.kind not in EXTRACTOR_KINDS:
+            raise ValueError(
+                f"ExtractorConfig.kind must be one of {EXTRACTOR_KINDS}, got {self.kind!r}"
+            )
+
+    @property
+    def name(self) -> str:
+        """The extractor's name in banks and segmentations (the kind)."""
+        return self.kind
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A complete OVDiff configuration."""
+
+    name: str  # key in PRESETS
+    description: str  # one line for UIs
+    generation: GenerationConfig  # stage 1: support images, attribution, masks
+    extractors: tuple[ExtractorConfig, ...]  # stage 2/3 features; scores are averaged
+    proposer: str | None = "dino"  # kind of the extractor that clusters support images into
+    #   segments for masks (generation.masks.proposer == "features"); reuses that
+    #   extractor's model; None only with threshold masks
+    scorer: ExtractorConfig | None = field(  # CLIP for the category pre-filter; None = off
+        default_factory=lambda: ExtractorConfig("clip")
+    )
+    prototypes: PrototypeConfig = field(default_factory=PrototypeConfig)  # stage 2
+    segmentation: SegmentConfig = field(default_factory=SegmentConfig)  # stage 3
+
+    def __post_init__(self) -> None:
+        if not self.extractors:
+            raise ValueError(f"Preset {self.name!r}: extractors is empty")
+        names = [e.name for e in self.extractors]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Preset {self.name!r}: extractor kinds must be distinct: {names}")
+        if self.proposer is not None and self.proposer not in EXTRACTOR_KINDS:
+            raise ValueError(
+                f"Preset {self.name!r}: proposer must be None or one of {EXTRACTOR_KINDS}"
+            )
+        if self.proposer is None and self.generation.masks.proposer == "features":
+            raise ValueError(
+                f"Preset {self.name!r}: feature-cluster masks need proposer='dino' (or another "
+                "extractor kind), or use generation.masks.proposer='threshold'"
+            )
+
+    def replace(self, **changes: Any) -> Preset:
+        return replace(self, **changes)
+
+
+PRESETS: dict[str, Preset] = {
+    "paper": Preset(
+        name="paper",
+        description="The authors' settings: SD v1.5, 32 images, SD+DINO+CLIP features (GPU)",
+        generation=GENERATION_PAPER,
+        extractors=(ExtractorConfig("sd"), ExtractorConfig("dino"), ExtractorConfig("clip")),
+        proposer="dino",
+        prototypes=PrototypeConfig(),
+        segmentation=PAPER_SEGMENT,
+    ),
+    "cpu": Preset(
+        name="cpu",
+        description="Laptop CPU: SD-Turbo, 8 images, CLIP+DINOv2 features, one view",
+        generation=GENERATION_CPU,
+        extractors=(ExtractorConfig("clip"), ExtractorConfig("dinov2")),
+        proposer="dinov2",
+        prototypes=PrototypeConfig(),
+        segmentation=FAST_SEGMENT,
+    ),
+}
+
+# Tiny backend: the preset's generation settings at toy scale (the structure is kept:
+# scheduler, guidance, prompts, masks; only sizes and counts shrink).
+TINY_RESOLUTION = 64
+TINY_IMAGES = 4
+TINY_BATCH = 2
+TINY_STEPS = 2
+
+
+def _preset(preset: str | Preset) -> Preset:
+    if isinstance(preset, Preset):
+        return preset
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)} or a Preset, got {preset!r}")
+    return PRESETS[preset]
+
+
+def build_ovdiff(
+    preset: str | Preset = "cpu",
+    backend: str = "real",
+    cache_dir: str | os.PathLike[str] | None = None,
+    device: torch.device | str | None = None,
+    use_cache: bool = True,
+    seed: int = 0,
+) -> OVDiff:
+    """Build an :class:`~ovdiff_core.pipeline.OVDiff` from a preset.
+
+    Args:
+        preset: a name in :data:`PRESETS` (``"cpu"``, ``"paper"``) or a :class:`Preset`.
+        backend: ``"real"`` (the preset's models, loaded once per process; downloads
+            only when online and not cached) or ``"tiny"`` (tiny random models of the
+            same classes, CPU, offline: for tests and trying the app).
+        cache_dir: support-set and bank cache folder; None = ``$OVDIFF_CACHE`` or
+            ``~/.cache/ovdiff``.
+        device: "real" backend device; None = :func:`~ovdiff_core.backends.loading.
+            best_device`. The tiny backend runs on the CPU unless a device is given.
+        use_cache: False keeps everything in memory (no cache folder).
+        seed: weights seed of the tiny models (ignored by "real").
+
+    Raises:
+        ValueError: unknown preset or backend.
+        ModelNotAvailableError: "real" weights neither cached nor downloadable.
+    """
+    from ovdiff_core.cache import Cache
+    from ovdiff_core.pipeline import OVDiff
+
+    p = _preset(preset)
+    if backend == "real":
+        generator, extractors, scorer = _real_components(p, device)
+    elif backend == "tiny":
+        generator, extractors, scorer = _tiny_components(p, device, seed)
+    else:
+        raise ValueError(f"backend must be 'real' or 'tiny', got {backend!r}")
+    return OVDiff(
+        generator=generator,
+        extractors=extractors,
+        scorer=scorer if p.segmentation.prefilter else None,
+        prototypes=p.prototypes,
+        segmentation=p.segmentation,
+        cache=Cache(cache_dir) if use_cache else None,
+    )
+
+
+def _ordered(p: Preset, built: dict[str, FeatureExtractor]) -> list[FeatureExtractor]:
+    return [built[e.name] for e in p.extractors]
+
+
+def _extractor_kwargs(cfg: ExtractorConfig) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"name": cfg.name}
+    if cfg.layer is not None:
+        kwargs["layer"] = cfg.layer
+    if cfg.input_size is not None:
+        kwargs["input_size"] = cfg.input_size
+    return kwargs
+
+
+def _real_components(
+    p: Preset, device: torch.device | str | None
+) -> tuple[Any, list[FeatureExtractor], Any]:
+    from ovdiff_core.backends.extractors import ClipExtractor, DinoExtractor, SDFeatureExtractor
+    from ovdiff_core.backends.generator import SDSupportGenerator
+    from ovdiff_core.backends.loading import best_device, best_dtype
+    from ovdiff_core.backends.scorer import ClipScorer
+
+    dev = torch.device(device) if device is not None else best_device()
+    dt = best_dtype(dev)
+
+    def make(cfg: ExtractorConfig) -> FeatureExtractor:
+        kwargs = _extractor_kwargs(cfg)
+        if cfg.kind == "sd":
+            if cfg.model_id is None:  # share the generator's UNet (one copy of the weights)
+                mid, rev = p.generation.model_id, p.generation.revision
+            else:
+                mid, rev = cfg.model_id, cfg.revision
+            if "layer" in kwargs:
+                raise ValueError("ExtractorConfig.layer is not used by 'sd'; SD layers are fixed")
+            return SDFeatureExtractor.from_pretrained(mid, rev, dev, dt, **kwargs)
+        if cfg.kind in ("dino", "dinov2"):
+            return DinoExtractor.from_pretrained(
+                cfg.model_id, cfg.revision, dev, dt, kind=cfg.kind, **kwargs
+            )
+        return ClipExtractor.from_pretrained(cfg.model_id, cfg.revision, dev, dt, **kwargs)
+
+    p = p.replace(generation=env_generation(p.generation))
+    built = {cfg.name: make(cfg) for cfg in p.extractors}
+    proposer_extractor = _proposer_extractor(p, built, make)
+    generator = SDSupportGenerator.from_pretrained(
+        p.generation, extractor=proposer_extractor, device=dev, dtype=dt
+    )
+    scorer = None
+    if p.scorer is not None:
+        scorer = ClipScorer.from_pretrained(p.scorer.model_id, p.scorer.revision, dev, dt)
+    return generator, _ordered(p, built), scorer
+
+
+def env_generation(config: GenerationConfig) -> GenerationConfig:
+    """``config`` with ``$OVDIFF_SD_MODEL`` / ``$OVDIFF_TAESD_MODEL`` (when set) as its
+    model and decoder ids: point a preset at local copies without editing it. The
+    decoder variable applies only to presets that use a tiny decoder."""
+    changes: dict[str, Any] = {}
+    sd = os.environ.get(MODELS["sd"].env, "").strip()
+    if sd:
+        changes.update(model_id=sd, revision=None)
+    taesd = os.environ.get(MODELS["taesd"].env, "").strip()
+    if taesd and config.decoder_id is not None:
+        changes["decoder_id"] = taesd
+    return config.replace(**changes) if changes else config
+
+
+def _proposer_extractor(
+    p: Preset, built: dict[str, FeatureExtractor], make: Any
+) -> FeatureExtractor | None:
+    if p.proposer is None or p.generation.masks.proposer != "features":
+        return None
+    if p.proposer in built:
+        return built[p.proposer]
+    return make(ExtractorConfig(p.proposer))
+
+
+def tiny_generation(config: GenerationConfig) -> GenerationConfig:
+    """``config`` at toy scale for the tiny pipeline: 64 px, 2 steps, 4 images in batches
+    of 2, no decoder swap or safety checker; prompts, guidance, scheduler, masks kept."""
+    return config.replace(
+        model_id="tiny-sd",
+        revision=None,
+        decoder_id=None,
+        resolution=TINY_RESOLUTION,
+        steps=min(config.steps, TINY_STEPS),
+        n_images=min(config.n_images, TINY_IMAGES),
+        batch_size=min(config.batch_size, TINY_BATCH),
+        safety_checker=False,
+        proposer_input_size=None,
+    )
+
+
+def _tiny_components(
+    p: Preset, device: torch.device | str | None, seed: int
+) -> tuple[Any, list[FeatureExtractor], Any]:
+    import open_clip
+
+    from ovdiff_core.backends.extractors import ClipExtractor, DinoExtractor, SDFeatureExtractor
+    from ovdiff_core.backends.generator import SDSupportGenerator
+    from ovdiff_core.backends.loading import shared
+    from ovdiff_core.backends.proposer import make_proposer
+    from ovdiff_core.backends.scorer import ClipScorer
+    from ovdiff_core.backends.tiny_sd import tiny_sd_pipeline
+    from ovdiff_core.backends.tiny_vision import tiny_dino, tiny_dinov2, tiny_open_clip
+
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+
+    def on_device(model: Any) -> Any:
+        return model.to(dev)
+
+    # One instance per tiny model per process, like the real models.
+    pipe = shared(("tiny_sd", seed, str(dev)), lambda: on_device(tiny_sd_pipeline(seed)))
+    clip = shared(("tiny_clip", seed, str(dev)), lambda: on_device(tiny_open_clip(seed)))
+    tag = f"tiny:seed={seed}"
+
+    def make(cfg: ExtractorConfig) -> FeatureExtractor:
+        kwargs = _extractor_kwargs(cfg)
+        if cfg.kind == "sd":
+            return SDFeatureExtractor.from_pipeline(pipe, model_id=f"{tag}:sd", **kwargs)
+        if cfg.kind == "dino":
+            model = shared(("tiny_dino", seed, str(dev)), lambda: on_device(tiny_dino(seed)))
+            return DinoExtractor(model, model_id=f"{tag}:dino", **kwargs)
+        if cfg.kind == "dinov2":
+            model = shared(("tiny_dinov2", seed, str(dev)), lambda: on_device(tiny_dinov2(seed)))
+            return DinoExtractor(model, model_id=f"{tag}:dinov2", **kwargs)
+        return ClipExtractor(clip, model_id=f"{tag}:clip", **kwargs)
+
+    built = {cfg.name: make(cfg) for cfg in p.extractors}
+    generation = tiny_generation(p.generation)
+    proposer = make_proposer(
+        generation.masks, _proposer_extractor(p, built, make), generation.proposer_input_size
+    )
+    generator = SDSupportGenerator(pipe, generation, proposer, model_name=f"{tag}:sd")
+    scorer = None
+    if p.scorer is not None:
+        tokenizer = open_clip.get_tokenizer("ViT-B-16")  # CLIP's BPE, bundled
+        scorer = ClipScorer(clip, tokenizer, model_id=f"{tag}:clip")
+    return generator, _ordered(p, built), scorer
+
+
+def preset_names() -> Sequence[str]:
+    """Names of the built-in presets, in definition order."""
+    return list(PRESETS)

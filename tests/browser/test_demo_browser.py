@@ -1,0 +1,203 @@
+"""The whole app in headless Chromium: build, watch the gallery fill, segment, click, errors.
+
+The tests run in order on one page (one visitor). Screenshots of every step go to
+``test-artifacts/browser/``. With ``OVDIFF_SCREENSHOTS=<dir>`` the best ones are also
+written there, compressed for the README (that is how ``docs/screenshots`` is made):
+
+    OVDIFF_BROWSER_BACKEND=color OVDIFF_SCREENSHOTS=docs/screenshots \\
+        python -m pytest tests/browser -q
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from demo.testing import ROOT, RunningApp, click_image_pixel, sim_src, wait_for_trace_change
+
+pytestmark = pytest.mark.browser
+
+NAMES = {"tiny": "cat, grass", "color": "cat, sofa, lamp, grass"}
+IMAGE = {"tiny": ROOT / "assets" / "cat.jpg", "color": ROOT / "assets" / "colour_scene.png"}
+README_SHOTS = {  # artifact -> README screenshot
+    "03-built.png": "build.png",
+    "06-trace.png": "trace.png",
+    "08-how-it-works.png": "how-it-works.png",
+}
+MAX_README_BYTES = 300_000
+
+
+def _shot(page: Any, artifacts: Path, name: str) -> None:
+    page.screenshot(path=str(artifacts / name), full_page=True)
+    target = os.environ.get("OVDIFF_SCREENSHOTS")
+    if target and name in README_SHOTS:
+        _compact_png(artifacts / name, ROOT / target / README_SHOTS[name])
+
+
+def _compact_png(src: Path, dst: Path) -> None:
+    """Palette PNG, shrunk until it is under MAX_README_BYTES."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.open(src).convert("RGB")
+    width = min(im.width, 1200)
+    while True:
+        small = im.resize((width, round(im.height * width / im.width)), Image.Resampling.LANCZOS)
+        small.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(dst, optimize=True)
+        if dst.stat().st_size <= MAX_README_BYTES or width < 500:
+            return
+        width = int(width * 0.85)
+
+
+def _gallery_count(page: Any) -> int:
+    return int(page.evaluate("() => document.querySelectorAll('#support-gallery img').length"))
+
+
+def _status(page: Any) -> str:
+    return str(page.evaluate("() => document.querySelector('#build-status')?.innerText || ''"))
+
+
+def _open_tab(page: Any, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+@pytest.fixture(scope="module")
+def reference(server: RunningApp, backend: str) -> Any:
+    """The segmentation the library computes for the test image (in this process, from the
+    app's cache), to check that the browser names the label the library gives."""
+    from demo.app import DemoApp, Session
+    from demo.models import backend_info, make_model_factory
+    from ovdiff_core.stuff import is_stuff
+
+    info = backend_info(backend)
+    app = DemoApp(make_model_factory(backend, str(server.cache_dir)), info)
+    session = Session()
+    stuff = [n.strip() for n in NAMES[backend].split(",") if is_stuff(n)]  # the page's default
+    for _ in app.build(NAMES[backend], stuff, "cpu", info.default_support, session):
+        pass
+    return app.segment(str(IMAGE[backend]), session)[2]
+
+
+def test_page_shows_the_mode_banner(page: Any, backend: str, artifacts: Path) -> None:
+    banner = page.locator("#mode-banner").inner_text()
+    expected = {"tiny": "tiny random-weight models", "color": "Colour-world mode"}[backend]
+    assert expected in banner
+    assert page.locator("#names textarea").is_visible()
+    _shot(page, artifacts, "01-start.png")
+
+
+def test_build_fills_the_gallery_batch_by_batch(page: Any, backend: str, artifacts: Path) -> None:
+    page.fill("#names textarea", NAMES[backend])
+    page.locator("#names textarea").blur()
+    page.click("#build")
+    seen: list[int] = []
+    mid_shot = False
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        n = _gallery_count(page)
+        if not seen or n != seen[-1]:
+            seen.append(n)
+        if n > 0 and not mid_shot:
+            _shot(page, artifacts, "02-building.png")
+            mid_shot = True
+        if "Ready:" in _status(page):
+            break
+        time.sleep(0.05)
+    assert "Ready:" in _status(page), f"build did not finish: {_status(page)!r}"
+    n_names = len(NAMES[backend].split(","))
+    final = _gallery_count(page)
+    assert final >= 2 * n_names
+    growing = [n for n in seen if 0 < n < final]
+    assert len(set(growing)) >= 2, f"gallery did not fill progressively: counts seen {seen}"
+    assert seen == sorted(seen)
+    for name in (n.strip() for n in NAMES[backend].split(",")):
+        assert name in _status(page)
+    _shot(page, artifacts, "03-built.png")
+
+
+def test_segment_shows_overlay_and_legend(page: Any, backend: str, artifacts: Path) -> None:
+    _open_tab(page, "3 · Segment & trace")
+    page.set_input_files("#upload input[type=file]", str(IMAGE[backend]))
+    page.wait_for_selector("#upload img")
+    page.click("#segment")
+    page.wait_for_selector("#legend .ovd-legend", timeout=120_000)
+    page.wait_for_function(
+        "() => { const i = document.querySelector('#overlay img');"
+        " return i && i.complete && i.naturalWidth > 0; }"
+    )
+    size = page.evaluate(
+        "() => { const i = document.querySelector('#overlay img');"
+        " return [i.naturalWidth, i.naturalHeight]; }"
+    )
+    expected = Image.open(IMAGE[backend]).size
+    assert tuple(size) == expected
+    labels = page.locator("#legend .ovd-legend-item").all_inner_texts()
+    assert labels[0].strip() == "background" and len(labels) >= 2
+    assert "CLIP pre-filter" in page.locator("#legend").inner_text()
+    _shot(page, artifacts, "04-segmented.png")
+
+
+def test_clicking_pixels_traces_them(
+    page: Any, backend: str, artifacts: Path, reference: Any
+) -> None:
+    names_in_legend = [
+        t.split("(")[0].strip() for t in page.locator("#legend .ovd-legend-item").all_inner_texts()
+    ]
+    assert names_in_legend == reference.class_names
+    w, h = Image.open(IMAGE[backend]).size
+    infos = []
+    for i, (fx, fy) in enumerate([(0.3, 0.4), (0.75, 0.8)]):
+        old = sim_src(page)
+        x, y = click_image_pixel(page, "#overlay", int(fx * w), int(fy * h))
+        wait_for_trace_change(page, x, y, old)
+        info = page.locator("#trace-info .ovd-trace")
+        label = reference.class_names[int(reference.labels[y, x])]
+        assert info.get_attribute("data-label") == label
+        text = info.inner_text()
+        assert f"Pixel (x={x}, y={y}) → {label}" in text
+        assert "Winning prototype" in text
+        regions = page.locator("#trace-regions img")
+        regions.first.wait_for()
+        assert regions.count() >= 1
+        assert page.locator("#trace-plot .js-plotly-plot").count() == 1
+        bars = page.locator("#trace-plot g.point").count()
+        assert bars == len(reference.class_names)
+        assert page.locator("#overlay #ovd-marker").is_visible()
+        infos.append((x, y, text, sim_src(page)))
+        _shot(page, artifacts, f"0{5 + i}-trace.png" if i else "05-trace-first.png")
+    assert infos[0][:2] != infos[1][:2] and infos[0][2] != infos[1][2]
+    assert infos[0][3] != infos[1][3]  # a new similarity map
+
+
+def test_how_it_works_tab(page: Any, artifacts: Path, reference: Any) -> None:
+    _open_tab(page, "4 · How it works")
+    page.click("#how-explain")
+    for part in ("how-photo", "how-attribution", "how-masks", "how-parts", "how-argmax"):
+        page.wait_for_function(
+            f"() => {{ const i = document.querySelector('#{part} img');"
+            " return i && i.complete && i.naturalWidth > 0; }"
+        )
+    page.wait_for_selector("#how-scatter .js-plotly-plot")
+    page.wait_for_selector("#how-scatter .scatterlayer .point")
+    assert page.locator("#how-scatter .scatterlayer .point").count() > 10
+    assert page.locator("#how-maps img").count() == len(reference.class_names)
+    assert "Prompt:" in page.locator("#how-settings").inner_text()
+    _shot(page, artifacts, "08-how-it-works.png")
+
+
+def test_bad_input_shows_an_error(page: Any, artifacts: Path) -> None:
+    _open_tab(page, "1 · Categories")
+    page.fill("#names textarea", "cat, , sofa")
+    page.click("#build")
+    toast = page.get_by_text("Category 2 is empty")
+    toast.wait_for(timeout=30_000)
+    assert toast.is_visible()
+    _shot(page, artifacts, "07-error.png")
+    page.wait_for_function("() => !document.querySelector('#build').disabled")
+    assert "Ready:" in _status(page)  # the last build's report is still there
+    # nothing is lost: the segmentation of tab 3 is still there
+    _open_tab(page, "3 · Segment & trace")
+    assert page.locator("#legend .ovd-legend").is_visible()

@@ -1,0 +1,426 @@
+"""The demo's handlers (demo/app.py DemoApp), called directly: no browser, no server.
+
+Most tests run on the colour world (no neural networks, meaningful answers); one runs
+the tiny random-weight backend end to end, own photos included.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pytest
+from PIL import Image
+
+from demo.app import SIMILARITY_SIDE, DemoApp, Session, build_demo
+from demo.models import ModelPool, backend_info, make_model_factory
+from ovdiff_core.testing import ColorWorld, paint_scene
+from ovdiff_core.trace import trace
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENE = ROOT / "assets" / "colour_scene.png"
+NAMES = "cat, sofa, lamp, grass"
+
+
+def _run_build(app: DemoApp, session: Session, names: str = NAMES, stuff=("grass",), **kw):
+    outs = list(app.build(names, list(stuff), kw.get("preset", "cpu"), kw.get("size", 4), session))
+    return outs
+
+
+@pytest.fixture(scope="module")
+def color_app(tmp_path_factory: pytest.TempPathFactory) -> DemoApp:
+    cache = tmp_path_factory.mktemp("cache")
+    return DemoApp(make_model_factory("color", str(cache)), backend_info("color"))
+
+
+@pytest.fixture(scope="module")
+def built(color_app: DemoApp) -> tuple[Session, list[tuple]]:
+    session = Session()
+    outs = _run_build(color_app, session)
+    return session, outs
+
+
+@pytest.fixture(scope="module")
+def segmented(color_app: DemoApp, built: tuple[Session, list[tuple]]):
+    session, _ = built
+    return color_app.segment(str(SCENE), session)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def test_build_streams_support_images_batch_by_batch(built: tuple[Session, list[tuple]]) -> None:
+    session, outs = built
+    counts = [len(o[0]) for o in outs]
+    assert counts == sorted(counts) and counts[-1] == 4 * 4  # 4 classes x 4 images
+    assert len(set(counts)) >= 9  # grew batch by batch (2 images a batch), not at once
+    assert "Ready: 4 categories" in outs[-1][1]
+    assert list(session.categories) == ["cat", "sofa", "lamp", "grass"]
+    assert session.categories["grass"].stuff and not session.categories["cat"].stuff
+    path, caption = outs[-1][0][0]
+    assert Path(path).is_file() and caption.startswith("cat #1 · fg ")
+    assert "cached" not in caption
+    update = outs[-1][3]
+    assert update["choices"] == ["cat", "sofa", "lamp", "grass"]
+
+
+def test_second_build_is_served_from_the_cache(color_app: DemoApp, built) -> None:
+    session = Session()
+    outs = _run_build(color_app, session, names="cat, lamp")
+    assert all(c.endswith("· cached") for _, c in outs[-1][0])
+    assert "(cached ✓)" in outs[-1][1]
+    assert len(outs[-1][0]) == 8
+
+
+def test_stuff_flag_is_per_visitor(color_app: DemoApp, built) -> None:
+    session = Session()
+    _run_build(color_app, session, names="grass", stuff=())
+    assert session.categories["grass"].stuff is False
+    assert built[0].categories["grass"].stuff is True
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        ("", "No categories"),
+        ("cat, , sofa", "Category 2 is empty"),
+        ("cat, sofa, CAT", "listed twice"),
+        (", ".join(f"c{i}" for i in range(21)), "at most 20"),
+        ("z" * 150, "at most 100"),
+    ],
+)
+def test_build_rejects_bad_names(color_app: DemoApp, names: str, message: str) -> None:
+    with pytest.raises(gr.Error, match=message):
+        next(color_app.build(names, [], "cpu", 4, Session()))
+
+
+def test_quick_checks_match_the_handlers(color_app: DemoApp, built) -> None:
+    color_app.check_build("cat, sofa", "cpu", 4)  # no error, no side effect
+    with pytest.raises(gr.Error, match="Category 2 is empty"):
+        color_app.check_build("cat,,sofa", "cpu", 4)
+    with pytest.raises(gr.Error, match="Choose a preset"):
+        color_app.check_build("cat", "", 4)
+    color_app.check_segment(str(SCENE), built[0])
+    with pytest.raises(gr.Error, match="No categories yet"):
+        color_app.check_segment(str(SCENE), Session())
+    with pytest.raises(gr.Error, match="No image"):
+        color_app.check_segment(None, built[0])
+
+
+def test_build_rejects_bad_size_and_preset(color_app: DemoApp) -> None:
+    with pytest.raises(gr.Error, match=r"Support-set size must be 2\.\.64"):
+        next(color_app.build("cat", [], "cpu", 500, Session()))
+    with pytest.raises(gr.Error, match="Choose a preset"):
+        next(color_app.build("cat", [], "turbo", 4, Session()))
+
+
+def test_build_while_a_build_runs_is_refused(color_app: DemoApp) -> None:
+    first = color_app.build("cat", [], "cpu", 4, Session())
+    next(first)  # the first build is now running (holds the lock)
+    with pytest.raises(gr.Error, match="already running"):
+        next(color_app.build("sofa", [], "cpu", 4, Session()))
+    first.close()  # abandoning a build (visitor left) releases the lock
+    assert list(color_app.build("sofa", [], "cpu", 4, Session()))
+
+
+def test_preset_change_drops_old_categories_with_a_warning(color_app: DemoApp) -> None:
+    session = Session()
+    _run_build(color_app, session, names="cat, sofa")
+    with pytest.warns(UserWarning, match="removed sofa"):
+        _run_build(color_app, session, names="cat", preset="paper")
+    assert list(session.categories) == ["cat"] and session.preset == "paper"
+
+
+def test_ready_sets_and_stuff_toggle(color_app: DemoApp) -> None:
+    assert color_app.ready_set("Colour world (4)") == "cat, sofa, lamp, grass"
+    assert "aeroplane" in color_app.ready_set("VOC (20 classes)")
+    assert color_app.ready_set("nope") == ""
+    update, names = color_app.stuff_choices("cat, sky, grass", [], [])
+    assert names == ["cat", "sky", "grass"] and update["value"] == ["sky", "grass"]
+    # the visitor unticked "sky": it stays unticked; a newly typed stuff name is prefilled
+    update, _ = color_app.stuff_choices("cat, sky, grass, water", ["grass"], names)
+    assert update["value"] == ["grass", "water"]
+    update, _ = color_app.stuff_choices("cat, ,", ["grass"], names)
+    assert update["choices"] == ["cat"] and update["value"] == []
+
+
+# --------------------------------------------------------------------------- segmenting
+
+
+def test_segment_outputs(segmented) -> None:
+    overlay, legend, seg, hint, fig, sim, regions, maps = segmented
+    assert overlay.shape == seg.image.shape == (192, 256, 3)
+    assert seg.class_names[0] == "background" and "cat" in seg.class_names
+    assert 'class="ovd-legend"' in legend and "CLIP pre-filter" in legend
+    for name in seg.class_names:
+        assert f"{name}</span>" in legend or f"{name} <small>" in legend
+    assert "Click any pixel" in hint and sim is None and regions == [] and maps == []
+    assert fig.data == ()
+
+
+def test_segment_finds_the_colour_objects(segmented) -> None:
+    seg = segmented[2]
+    world = ColorWorld.default()
+    names = seg.class_names
+    # assets/colour_scene.png: cat at rows 24..104, cols 16..88; sofa rows 96..168,
+    # cols 112..232 (see assets/make_assets.py)
+    assert names[int(np.bincount(seg.labels[40:90, 25:80].ravel()).argmax())] == "cat"
+    assert names[int(np.bincount(seg.labels[110:160, 125:220].ravel()).argmax())] == "sofa"
+    assert world.parts["cat"]  # the world the asset was painted from
+
+
+def test_segment_needs_categories_and_an_image(color_app: DemoApp, built) -> None:
+    with pytest.raises(gr.Error, match="No categories yet"):
+        color_app.segment(str(SCENE), Session())
+    with pytest.raises(gr.Error, match="No image"):
+        color_app.segment(None, built[0])
+
+
+def test_segment_rejects_corrupt_uploads(color_app: DemoApp, built, tmp_path: Path) -> None:
+    bad = tmp_path / "photo.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    with pytest.raises(gr.Error, match="corrupt or truncated"):
+        color_app.segment(str(bad), built[0])
+    text = tmp_path / "photo.txt"
+    text.write_text("hello")
+    with pytest.raises(gr.Error, match="not an image"):
+        color_app.segment(str(text), built[0])
+
+
+@pytest.mark.parametrize("kind", ["gray", "rgba", "16bit", "palette", "huge"])
+def test_segment_converts_odd_images_with_a_warning(
+    color_app: DemoApp, built, tmp_path: Path, kind: str
+) -> None:
+    rgb = np.asarray(Image.open(SCENE).convert("RGB"))
+    if kind == "gray":
+        im, note = Image.fromarray(rgb).convert("L"), "Grayscale"
+    elif kind == "rgba":
+        rgba = np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)])
+        im, note = Image.fromarray(rgba, "RGBA"), "Transparent"
+    elif kind == "16bit":
+        im, note = Image.fromarray(rgb[..., 0].astype(np.uint16) * 257), "16-bit"
+    elif kind == "palette":
+        im, note = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE), "Palette"
+    else:
+        big = np.asarray(Image.fromarray(rgb).resize((2400, 1800), Image.Resampling.NEAREST))
+        im, note = Image.fromarray(big), "downscaled from 2400x1800 to 1024x768"
+    path = tmp_path / f"{kind}.png"
+    im.save(path)
+    with pytest.warns(UserWarning, match=note):
+        overlay, _, seg, *_ = color_app.segment(str(path), built[0])
+    expected = (768, 1024) if kind == "huge" else (192, 256)
+    assert seg.size == expected and overlay.shape == (*expected, 3)
+    if kind == "huge":
+        assert seg.class_names[int(seg.labels[250, 200])] == "cat"
+
+
+# --------------------------------------------------------------------------- tracing
+
+
+def test_trace_names_the_clicked_label_and_its_support(segmented, color_app: DemoApp) -> None:
+    seg = segmented[2]
+    for x, y in [(50, 60), (160, 130), (5, 5)]:
+        html, fig, sim, regions = color_app.trace_at(seg, [x, y])
+        expected = trace(seg, x, y)
+        label = seg.class_names[int(seg.labels[y, x])]
+        assert expected.label_name == label
+        assert f'data-x="{x}" data-y="{y}" data-label="{label}"' in html
+        assert f"Pixel (x={x}, y={y}) → {label}" in html
+        np.testing.assert_allclose(fig.data[0].y, seg.scores[:, y, x], rtol=1e-6)
+        assert list(fig.data[0].x) == seg.class_names
+        assert max(sim.shape[:2]) <= SIMILARITY_SIDE
+        assert len(regions) == min(len(expected.regions), 12) >= 1
+        first = expected.regions[0]
+        assert regions[0][1].endswith(f"support #{first.image_index + 1}")
+        assert regions[0][0].shape[0] >= 128
+    html_cat = color_app.trace_at(seg, [50, 60])[0]
+    assert "→ cat" in html_cat
+
+
+def test_trace_before_segmenting_or_outside(color_app: DemoApp, segmented) -> None:
+    with pytest.raises(gr.Error, match="segment an image first"):
+        color_app.trace_at(None, [1, 1])
+    with pytest.raises(gr.Error, match="outside the 256x192 image"):
+        color_app.trace_at(segmented[2], [300, 10])
+    with pytest.raises(gr.Error, match="Click on the segmented image"):
+        color_app.trace_at(segmented[2], None)
+
+
+def test_score_maps(color_app: DemoApp, segmented) -> None:
+    seg = segmented[2]
+    maps = color_app.score_maps(seg)
+    assert [c.split(":")[0] for _, c in maps] == seg.class_names
+    assert maps[0][0].shape == (*seg.size, 3)
+    with pytest.raises(gr.Error, match="Segment an image first"):
+        color_app.score_maps(None)
+
+
+def test_explain_shows_real_intermediate_data(color_app: DemoApp, built, segmented) -> None:
+    session = built[0]
+    out = color_app.explain(session, segmented[2], "sofa", 2)
+    settings, photo, attribution, masks, parts, caption, fig, maps, argmax, slider = out
+    support = session.categories["sofa"].support
+    assert support is not None
+    f = photo.shape[0] // support.images.shape[1]  # nearest-neighbour upscale factor
+    assert f >= 2 and photo.shape[0] >= 192
+    np.testing.assert_array_equal(photo[::f, ::f], support.images[2])
+    assert attribution.shape == masks.shape == photo.shape
+    assert parts.shape[2] == 3 and "support image #3" in caption
+    n_protos = sum(len(c.banks["color"]) for c in session.categories.values())
+    assert sum(len(t.x) for t in fig.data) == n_protos
+    assert len(maps) == len(segmented[2].class_names) and argmax.shape == (192, 256, 3)
+    assert slider["maximum"] == len(support) - 1 and slider["value"] == 2
+    assert "Prompt:" in settings
+    with pytest.raises(gr.Error, match="Build at least one category"):
+        color_app.explain(Session(), None, None, 0)
+    unsegmented = color_app.explain(session, None, "cat", 99)
+    assert unsegmented[7] == [] and unsegmented[8] is None and unsegmented[9]["value"] == 3
+
+
+# --------------------------------------------------------------------------- own photos
+
+
+def _editor(photo: np.ndarray, box: tuple[int, int, int, int] | None) -> dict:
+    layer = np.zeros((*photo.shape[:2], 4), dtype=np.uint8)
+    if box is not None:
+        top, left, h, w = box
+        layer[top : top + h, left : left + w] = (34, 221, 85, 255)
+    rgba = np.dstack([photo, np.full(photo.shape[:2], 255, np.uint8)])
+    return {"background": rgba, "layers": [layer], "composite": rgba}
+
+
+def test_own_photos_become_a_category(color_app: DemoApp, built, tmp_path: Path) -> None:
+    session = Session(preset="cpu", categories=dict(built[0].categories))
+    world = ColorWorld.default()
+    teapot = [(250, 20, 200)]  # a colour no category uses
+    for seed in range(2):
+        photo, index = paint_scene(
+            (80, 96), (40, 40, 40), [(teapot, (20, 20 + 10 * seed, 40, 40))], seed=seed
+        )
+        ys, xs = np.nonzero(index)
+        box = (ys.min(), xs.min(), ys.max() - ys.min() + 1, xs.max() - xs.min() + 1)
+        gallery, status, session = color_app.add_photo(_editor(photo, box), session)
+    assert len(gallery) == 2 and "2 photo(s) queued, 2 with a painted foreground" in status
+    status, session, gallery, update = color_app.create_category("teapot", False, "cpu", session)
+    assert "teapot" in session.categories and gallery == [] and session.photos == []
+    assert "from your photos" in status and "teapot" in update["choices"]
+    scene, index = paint_scene(
+        (96, 128),
+        (200, 200, 200),
+        [(teapot, (10, 10, 40, 40)), (world.parts["sofa"], (50, 60, 40, 60))],
+    )
+    path = tmp_path / "teapot_scene.png"
+    Image.fromarray(scene).save(path)
+    seg = color_app.segment(str(path), session)[2]
+    # the colour world's CLIP stand-in only knows its own four categories, so the
+    # pre-filter drops a thing it cannot see; as stuff the category bypasses the filter
+    assert seg.prefilter is not None and "teapot" in seg.prefilter.dropped
+    session.categories["teapot"].stuff = True
+    seg = color_app.segment(str(path), session)[2]
+    assert seg.class_names[int(seg.labels[30, 30])] == "teapot"
+    assert seg.class_names[int(seg.labels[70, 90])] == "sofa"
+
+
+def test_own_photo_errors(color_app: DemoApp, built) -> None:
+    session = Session(preset="cpu")
+    with pytest.raises(gr.Error, match="Upload a photo into the editor first"):
+        color_app.add_photo(None, session)
+    with pytest.raises(gr.Error, match="Upload a photo"):
+        color_app.add_photo({"background": None, "layers": []}, session)
+    with pytest.raises(gr.Error, match="No photos queued"):
+        color_app.create_category("teapot", False, "cpu", session)
+    photo = np.zeros((32, 32, 3), dtype=np.uint8)
+    color_app.add_photo(_editor(photo, None), session)
+    with pytest.raises(gr.Error, match=r"Paint the object on photo\(s\) \[1\]"):
+        color_app.create_category("teapot", False, "cpu", session)
+    with pytest.raises(gr.Error, match="empty"):
+        color_app.create_category("   ", False, "cpu", session)
+    gallery, status, session = color_app.clear_photos(session)
+    assert gallery == [] and session.photos == [] and status == "No photos queued."
+
+
+# --------------------------------------------------------------------------- app assembly
+
+
+def test_build_demo_shows_the_mode_banner() -> None:
+    for backend, words in (("color", "Colour-world mode"), ("tiny", "tiny random-weight")):
+        demo = build_demo(make_model_factory(backend), backend=backend)
+        texts = [str(b.value) for b in demo.blocks.values() if hasattr(b, "value")]
+        assert any(words in t for t in texts), backend
+        assert isinstance(demo.ovdiff_app, DemoApp)
+    demo = build_demo(make_model_factory("color"), backend="real", info=backend_info("real"))
+    assert not any(getattr(b, "elem_id", None) == "mode-banner" for b in demo.blocks.values())
+
+
+def test_model_pool_loads_once_per_setting() -> None:
+    calls = []
+
+    def factory(preset: str, size: int | None):
+        calls.append((preset, size))
+        return object()
+
+    pool = ModelPool(factory)  # type: ignore[arg-type]
+    a = pool.get("cpu", 4)
+    assert pool.get("cpu", 4) is a and pool.get("cpu", 8) is not a
+    assert calls == [("cpu", 4), ("cpu", 8)]
+
+
+def test_root_app_launches_locally_without_sharing(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: seen.update(kw))
+    monkeypatch.setenv("OVDIFF_BACKEND", "color")
+    monkeypatch.setattr(sys, "argv", ["app.py", "--port", "7999"])
+    sys.path.insert(0, str(ROOT))
+    import importlib
+
+    root_app = importlib.import_module("app")
+    root_app.main()
+    assert seen["server_name"] == "127.0.0.1" and seen["server_port"] == 7999
+    assert seen["share"] is False and ".ovd-legend" in seen["css"] and "ovd-marker" in seen["js"]
+    monkeypatch.setenv("OVDIFF_BACKEND", "bogus")
+    monkeypatch.setattr(sys, "argv", ["app.py"])
+    with pytest.raises(SystemExit):
+        root_app.main()
+
+
+# --------------------------------------------------------------------------- tiny backend
+
+
+@pytest.fixture(scope="module")
+def tiny_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoApp]:
+    cache = tmp_path_factory.mktemp("tiny-cache")
+    yield DemoApp(make_model_factory("tiny", str(cache)), backend_info("tiny"))
+
+
+@pytest.mark.slow
+def test_tiny_backend_end_to_end(tiny_app: DemoApp) -> None:
+    session = Session()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outs = list(tiny_app.build("cat, grass", ["grass"], "cpu", 2, session))
+    assert len(outs[-1][0]) == 4 and session.categories["grass"].stuff
+    overlay, legend, seg, *_ = tiny_app.segment(str(ROOT / "assets" / "cat.jpg"), session)
+    assert overlay.shape == (300, 451, 3) and seg.size == (300, 451)
+    assert all(f"{n}</span>" in legend or f"{n} <small>" in legend for n in seg.class_names)
+    html, fig, sim, regions = tiny_app.trace_at(seg, [200, 100])
+    assert sim.shape == (255, 384, 3) and len(regions) >= 1
+    label = seg.class_names[int(seg.labels[100, 200])]
+    assert f"→ {label}" in html
+    np.testing.assert_allclose(fig.data[0].y, seg.scores[:, 100, 200], rtol=1e-6)
+    # own photos through InContextSupport: automatic masks for unpainted photos
+    photo = np.asarray(Image.open(ROOT / "assets" / "coffee.jpg").convert("RGB"))
+    _, status, session = tiny_app.add_photo(_editor(photo, None), session)
+    _, status, session = tiny_app.add_photo(
+        _editor(photo[::-1].copy(), (40, 40, 100, 120)), session
+    )
+    assert "2 photo(s) queued, 1 with a painted foreground" in status
+    status, session, _, _ = tiny_app.create_category("cup", False, "cpu", session)
+    cup = session.categories["cup"]
+    assert cup.support is not None and len(cup.support) == 2
+    assert cup.support.settings.get("type") == "incontext_support"
+    seg2 = tiny_app.segment(str(ROOT / "assets" / "coffee.jpg"), session)[2]
+    assert "cup" in seg2.queried

@@ -1,0 +1,160 @@
+"""The OVDiff object: names, build order, segmenting subsets, user support sets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import PaletteExtractor, accuracy, support_from_boxes, unit
+
+from ovdiff_core import OVDiff, PrototypeConfig, SegmentConfig, trace
+from ovdiff_core.pipeline import MAX_NAME_LENGTH, clean_category_name
+from ovdiff_core.testing import ColorExtractor, ColorGenerator, ColorScorer, ColorWorld, paint_scene
+
+WORLD = ColorWorld.default()
+CFG = SegmentConfig(short_side=48, windows=False)
+
+
+@pytest.fixture(scope="module")
+def model() -> OVDiff:
+    m = OVDiff(
+        ColorGenerator(WORLD, n_images=3),
+        [ColorExtractor()],
+        prototypes=PrototypeConfig(n_parts=8),
+        segmentation=CFG,
+    )
+    m.build(["cat", "sofa", "lamp"])
+    return m
+
+
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [("cat", "cat"), ("  potted   plant ", "potted plant"), ("Ünïcode 猫", "Ünïcode 猫")],
+)
+def test_clean_category_name_normalises(raw: str, clean: str) -> None:
+    assert clean_category_name(raw) == clean
+
+
+@pytest.mark.parametrize(
+    ("name", "match"),
+    [
+        ("", "empty"),
+        ("   ", "empty"),
+        ("a\nb", "control characters"),
+        ("tea\tcup", "control characters"),
+        ("a\x7fb", "control characters"),
+        ("x" * (MAX_NAME_LENGTH + 1), "at most"),
+        ("background", "reserved"),
+        (" Background ", "reserved"),
+        (42, "must be a string"),
+        (None, "must be a string"),
+    ],
+)
+def test_clean_category_name_errors(name: object, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        clean_category_name(name)  # type: ignore[arg-type]
+    assert clean_category_name("y" * MAX_NAME_LENGTH) == "y" * MAX_NAME_LENGTH
+
+
+def test_needs_an_extractor() -> None:
+    with pytest.raises(ValueError, match="at least one feature extractor"):
+        OVDiff(ColorGenerator(WORLD), [])
+
+
+def test_segment_before_build_errors() -> None:
+    m = OVDiff(ColorGenerator(WORLD, n_images=2), [ColorExtractor()])
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="no categories are built"):
+        m.segment(image)
+    with pytest.raises(ValueError, match="not built"):
+        m.segment(image, names=["cat"])
+
+
+def test_build_returns_categories_in_order(model: OVDiff) -> None:
+    assert list(model.categories) == ["cat", "sofa", "lamp"]
+    built = model.build(["lamp", "  cat "])
+    assert [c.name for c in built] == ["lamp", "cat"]
+    assert built[1] is model.categories["cat"]
+    for c in built:
+        assert set(c.banks) == {"color"} and c.support is not None and len(c.support) == 3
+
+
+def test_segment_names_subset(model: OVDiff) -> None:
+    image, index = paint_scene(
+        (48, 96),
+        (40, 40, 40),
+        [(WORLD.parts["cat"], (8, 8, 32, 32)), (WORLD.parts["sofa"], (8, 56, 32, 32))],
+    )
+    everything = model.segment(image)
+    assert everything.class_names == ["background", "cat", "sofa", "lamp"]
+    only_cat = model.segment(image, names=["cat"])
+    assert only_cat.class_names == ["background", "cat"]
+    assert only_cat.queried == ["cat"]
+    # the sofa is not a candidate any more: its pixels are background (or cat), never sofa
+    assert (only_cat.labels[index == 1] == 1).mean() > 0.8
+    assert (only_cat.labels[index == 2] != 1).mean() > 0.8
+    with pytest.raises(ValueError, match=r"\['tree'\] are not built"):
+        model.segment(image, names=["cat", "tree"])
+    # a per-call config overrides the model's
+    windows = model.segment(image, config=CFG.replace(windows=True, window_sizes=(32,)))
+    assert len(windows.views) > 1 and len(everything.views) == 1
+
+
+def test_scorer_is_used_for_the_prefilter() -> None:
+    m = OVDiff(ColorGenerator(WORLD, n_images=2), [ColorExtractor()], ColorScorer(WORLD))
+    m.build(["cat", "sofa", "lamp"])
+    image, _ = paint_scene((48, 48), (40, 40, 40), [(WORLD.parts["lamp"], (8, 8, 32, 32))])
+    seg = m.segment(image, config=CFG)
+    assert seg.prefilter is not None and seg.prefilter.kept == ["lamp"]
+    assert seg.class_names == ["background", "lamp"]
+
+
+def test_remove() -> None:
+    m = OVDiff(ColorGenerator(WORLD, n_images=2), [ColorExtractor()])
+    m.build(["cat", "sofa"])
+    m.remove("cat")
+    m.remove("not there")
+    assert list(m.categories) == ["sofa"]
+
+
+WIDGET, BG = (255, 0, 255), (0, 128, 128)
+
+
+def widget_support(name: str = "widget"):  # type: ignore[no-untyped-def]
+    boxes = [(8, 8, 24, 24), (16, 24, 32, 16), (32, 8, 16, 40)]
+    return support_from_boxes(name, (64, 64), BG, [[([WIDGET], b)] for b in boxes], bg_margin=2)
+
+
+def test_add_support_with_a_user_support_set() -> None:
+    ex = PaletteExtractor({WIDGET: unit(1, 0), BG: unit(0, 1)}, stride=8)
+    m = OVDiff(None, [ex], prototypes=PrototypeConfig(n_parts=4), segmentation=CFG)
+    with pytest.raises(ValueError, match="no generator"):
+        m.build(["cat"])
+    cat = m.add_support(widget_support("  my   widget "))
+    assert cat.name == "my widget" and m.categories["my widget"] is cat
+    assert cat.support is not None and cat.support.category == "my widget"
+    assert not cat.stuff and set(cat.banks) == {"pal"}
+    image, index = paint_scene((48, 64), BG, [([WIDGET], (8, 16, 32, 32))], noise=0)
+    seg = m.segment(image)
+    assert seg.class_names == ["background", "my widget"]
+    assert accuracy(seg.labels, (index > 0).astype(np.int64)) >= 0.97
+    tr = trace(seg, 32, 24)
+    assert tr.label_name == "my widget" and tr.winner is not None
+    assert all(0 <= r.image_index < 3 for r in tr.regions)
+    stuff = m.add_support(widget_support("goo"), stuff=True)
+    assert stuff.stuff
+
+
+def test_add_support_is_cached_by_content(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ovdiff_core import Cache
+
+    ex = PaletteExtractor({WIDGET: unit(1, 0), BG: unit(0, 1)}, stride=8)
+    cache = Cache(tmp_path)
+    OVDiff(None, [ex], cache=cache).add_support(widget_support())
+    calls = ex.calls
+    assert calls > 0
+    OVDiff(None, [ex], cache=cache).add_support(widget_support())
+    assert ex.calls == calls, "the same images and masks hit the cache"
+    changed = widget_support()
+    changed.foreground[0, 0, 0] = True
+    OVDiff(None, [ex], cache=cache).add_support(changed)
+    assert ex.calls > calls, "different masks are a different entry"

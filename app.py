@@ -40,6 +40,7 @@ def main() -> None:
         js=MARKER_JS,
         allowed_paths=[str(ASSETS)],
         footer_links=["api", "settings"],
+        run_history=False,  # no copies of visitors' runs in browser storage (and faster)
     )
 
 

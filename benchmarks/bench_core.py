@@ -14,7 +14,9 @@ Three measurements, printed as one table at the end:
 2. Scoring a 448x448 target against 20 classes x 130 prototypes (65 fg + 65 bg) x 3
    extractors (7680-d stride 8, 768-d stride 8, 768-d stride 16). The extractors return
    fixed random features computed before timing, so only scoring is timed. Ours is
-   ``ovdiff_core.segment`` (pre-filter off), windows off and on. The baseline is a
+   ``ovdiff_core.segment`` (pre-filter off), windows off and on; its first call with a set
+   of banks also packs all their prototypes into one matrix, which later calls with the
+   same banks reuse (both times are shown). The baseline is a
    straightforward per-class loop over the same views and features: per (extractor,
    view), normalise the features; per class, one product with its foreground prototypes
    and one with its background prototypes, max over prototypes; background = running
@@ -38,6 +40,7 @@ an idle 2-core machine (sklearn's 7680-d K-means is most of it); more under load
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from collections.abc import Callable
@@ -54,6 +57,9 @@ from ovdiff_core.kmeans import kmeans
 from ovdiff_core.segment import segment, view_boxes
 from ovdiff_core.trace import trace
 from ovdiff_core.types import Category, PrototypeBank, PrototypeKind, SupportSet
+
+# the module, not the function the package exports under the same name
+segment_module = importlib.import_module("ovdiff_core.segment")
 
 Row = tuple[str, str, str, str]
 
@@ -280,13 +286,16 @@ def bench_scoring(quick: bool) -> list[Row]:
             for _, _, vh, vw in view_boxes((448, 448), cfg):
                 ex(torch.zeros(1, 3, vh, vw))
         # Two timed runs each, alternating, keeping the faster (the first of each also
-        # provides the outputs compared below).
-        t_ours, seg = _timed(lambda cfg=cfg: segment(image, cats, extractors, cfg))
+        # provides the outputs compared below). Our first call with a set of banks also
+        # packs their prototypes into one matrix (cached for later calls): reported apart.
+        segment_module._PACK_CACHE.clear()
+        t_cold, seg = _timed(lambda cfg=cfg: segment(image, cats, extractors, cfg))
         t_base, base = _timed(lambda cfg=cfg: baseline_segment(image, cats, extractors, cfg))
-        t_ours = min(t_ours, _timed(lambda cfg=cfg: segment(image, cats, extractors, cfg))[0])
+        t_ours = _timed(lambda cfg=cfg: segment(image, cats, extractors, cfg))[0]
         t_base = min(
             t_base, _timed(lambda cfg=cfg: baseline_segment(image, cats, extractors, cfg))[0]
         )
+        t_ours = min(t_ours, _timed(lambda cfg=cfg: segment(image, cats, extractors, cfg))[0])
         base_labels, base_scores = base  # type: ignore[misc]
         agree = float((seg.labels == base_labels).mean())  # type: ignore[attr-defined]
         err = float(np.abs(seg.scores - base_scores).max())  # type: ignore[attr-defined]
@@ -296,7 +305,7 @@ def bench_scoring(quick: bool) -> list[Row]:
             (
                 f"score 448x448, {n_classes} cls x 130 protos x 3 ex, "
                 f"windows {'on' if windows else 'off'} ({n_views} views)",
-                f"ours {t_ours:.2f} s",
+                f"ours {t_ours:.2f} s (first call {t_cold:.2f} s)",
                 f"per-class loop {t_base:.2f} s; GEMM floor {t_gemm:.2f} s",
                 f"{t_base / t_ours:.2f}x faster; ours = {t_ours / t_gemm:.2f}x floor; "
                 f"labels agree {agree:.4f}, max |score diff| {err:.1e}",

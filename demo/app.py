@@ -103,7 +103,13 @@ MARKER_JS = """
   };
   document.addEventListener('click', (e) => {
     const img = e.target instanceof Element ? e.target.closest('#overlay img') : null;
-    if (!img || !img.parentElement) return;
+    if (!img || !img.parentElement || !img.naturalWidth) return;
+    // the picture inside the <img> box: scaled down to fit (never up), centred
+    const r = img.getBoundingClientRect();
+    const s = Math.min(r.width / img.naturalWidth, r.height / img.naturalHeight, 1);
+    const dx = (r.width - img.naturalWidth * s) / 2, dy = (r.height - img.naturalHeight * s) / 2;
+    if (e.clientX < r.left + dx || e.clientX >= r.right - dx ||
+        e.clientY < r.top + dy || e.clientY >= r.bottom - dy) return;
     const box = img.parentElement;
     if (getComputedStyle(box).position === 'static') box.style.position = 'relative';
     const m = marker();
@@ -573,9 +579,9 @@ class DemoApp:
 
     # ---------------------------------------------------------------- trace
 
-    def trace_at(
+    def trace_panel(
         self, seg: Segmentation | None, index: Sequence[Any] | None
-    ) -> tuple[str, Any, np.ndarray, list[tuple[np.ndarray, str]]]:
+    ) -> tuple[str, np.ndarray, list[tuple[np.ndarray, str]]]:
         """Explain the clicked pixel: runs :func:`ovdiff_core.trace`, no model.
 
         Args:
@@ -583,33 +589,55 @@ class DemoApp:
             index: the click, [x, y] in the segmented image's pixels.
 
         Returns:
-            (trace HTML, plotly bar chart of all label scores, the winning prototype's
-            similarity map with the point marked (long side <= ``SIMILARITY_SIDE``),
-            highlighted support regions). The browser marks the point on the
-            segmentation itself (``MARKER_JS``), so the large overlay is not re-sent.
+            (trace HTML, the winning prototype's similarity map with the point marked
+            (long side <= ``SIMILARITY_SIDE``), highlighted support regions). The
+            browser marks the point on the segmentation itself (``MARKER_JS``), so the
+            large overlay is not re-sent.
         """
         x, y = _checked(click_point, index, seg.size if seg is not None else None)
         assert seg is not None  # click_point raised otherwise
         tr = trace(seg, x, y)
-        fig = render.scores_figure(tr.class_scores, seg.class_names, tr.label_name)
         color = render.class_color(tr.label)
         sim = render.similarity_overlay(
             seg.image, tr.similarity_map, point=(x, y), max_side=SIMILARITY_SIDE
         )
         regions = []
+        owner = tr.winner.category if tr.winner else ""
         for reg in tr.regions[:MAX_REGION_TILES]:
             if reg.image is None:
                 continue
             tile = render.highlight_region(reg.image, reg.mask, color=color, min_side=128)
-            regions.append(
-                (tile, f"{tr.winner.category if tr.winner else ''} support #{reg.image_index + 1}")
-            )
-        return _trace_html(seg, tr), fig, sim, regions
+            regions.append((tile, f"{owner} support #{reg.image_index + 1}"))
+        return _trace_html(seg, tr), sim, regions
+
+    def trace_chart(self, seg: Segmentation | None, index: Sequence[Any] | None) -> Any:
+        """Plotly bar chart of every label's score at the clicked pixel (background first).
+
+        The bars are ``seg.scores[:, y, x]``, the numbers :func:`ovdiff_core.trace`
+        reports as ``class_scores``; read directly so that this chart, the costliest
+        part of the panel for a browser to draw, is computed in a parallel call.
+        """
+        x, y = _checked(click_point, index, seg.size if seg is not None else None)
+        assert seg is not None
+        scores = {n: float(seg.scores[k, y, x]) for k, n in enumerate(seg.class_names)}
+        label = seg.class_names[int(seg.labels[y, x])]
+        return render.scores_figure(scores, seg.class_names, label, point=(x, y))
+
+    def trace_at(
+        self, seg: Segmentation | None, index: Sequence[Any] | None
+    ) -> tuple[str, Any, np.ndarray, list[tuple[np.ndarray, str]]]:
+        """:meth:`trace_panel` and :meth:`trace_chart` in one call:
+        (trace HTML, bar chart, similarity map, support regions)."""
+        html, sim, regions = self.trace_panel(seg, index)
+        return html, self.trace_chart(seg, index), sim, regions
 
     def trace_click(
         self, seg: Segmentation | None, evt: gr.SelectData
-    ) -> tuple[str, Any, np.ndarray, list[tuple[np.ndarray, str]]]:
-        return self.trace_at(seg, evt.index)
+    ) -> tuple[str, np.ndarray, list[tuple[np.ndarray, str]]]:
+        return self.trace_panel(seg, evt.index)
+
+    def chart_click(self, seg: Segmentation | None, evt: gr.SelectData) -> Any:
+        return self.trace_chart(seg, evt.index)
 
     # ---------------------------------------------------------------- tab 4: how it works
 
@@ -977,14 +1005,21 @@ def build_demo(
             concurrency_id="segment",
         )
         maps_btn.click(app.score_maps, seg_state, maps_gallery)
-        overlay.select(
-            app.trace_click,
-            seg_state,
-            [trace_info, trace_plot, trace_sim, trace_regions],
-            show_progress="hidden",
-            queue=False,  # a plain HTTP call: no queue round trips; trace runs no model
-            trigger_mode="always_last",
-        )
+        # A click runs no model: plain HTTP calls (no queue round trips), two in parallel:
+        # the text, similarity map and support regions; and the plotly chart, which costs
+        # the browser more to draw than all the rest, so the panel does not wait for it.
+        for handler, outputs in (
+            (app.trace_click, [trace_info, trace_sim, trace_regions]),
+            (app.chart_click, [trace_plot]),
+        ):
+            overlay.select(
+                handler,
+                seg_state,
+                outputs,
+                show_progress="hidden",
+                queue=False,
+                trigger_mode="always_last",
+            )
 
         gr.on(
             [how_btn.click, how_img.release],

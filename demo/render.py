@@ -389,7 +389,10 @@ def legend_html(
 
 
 def scores_figure(
-    class_scores: Mapping[str, float], class_names: Sequence[str], winner: str | None = None
+    class_scores: Mapping[str, float],
+    class_names: Sequence[str],
+    winner: str | None = None,
+    point: tuple[int, int] | None = None,
 ) -> go.Figure:
     """Plotly bar chart of every label's score at one pixel (background included).
 
@@ -397,6 +400,8 @@ def scores_figure(
         class_scores: ``{label name: score}`` (``PixelTrace.class_scores``).
         class_names: label order (``Segmentation.class_names``); sets the bar colours.
         winner: the winning label, drawn with a black outline.
+        point: the pixel (x, y); stored as ``layout.meta = "x,y"`` (tests and benchmarks
+            read it from the drawn chart).
     """
     names = list(class_names)
     values = [float(class_scores.get(n, 0.0)) for n in names]
@@ -415,6 +420,8 @@ def scores_figure(
         "showlegend": False,
         "plot_bgcolor": "white",
     }
+    if point is not None:
+        layout["meta"] = f"{int(point[0])},{int(point[1])}"
     bar = go.Bar(
         x=names,
         y=values,

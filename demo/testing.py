@@ -30,6 +30,8 @@ __all__ = [
     "click_image_pixel",
     "free_port",
     "run_app",
+    "sim_src",
+    "wait_for_chart",
     "wait_for_trace_change",
 ]
 
@@ -46,8 +48,14 @@ CHROMIUM_ARGS = [
 
 
 def chromium_path() -> str | None:
-    """Path of the Chromium binary (``$OVDIFF_CHROMIUM`` or /usr/bin/chromium), or None."""
-    for candidate in (os.environ.get("OVDIFF_CHROMIUM"), CHROMIUM, shutil.which("chromium")):
+    """Path of the Chromium binary, or None.
+
+    ``$OVDIFF_CHROMIUM`` if set (and only that), else /usr/bin/chromium, else
+    ``chromium`` on the PATH.
+    """
+    configured = os.environ.get("OVDIFF_CHROMIUM")
+    candidates = [configured] if configured else [CHROMIUM, shutil.which("chromium")]
+    for candidate in candidates:
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return candidate
     return None
@@ -176,7 +184,14 @@ _TRACE_DONE_JS = """([x, y, oldSim]) => {
   if (!t || t.dataset.x !== String(x) || t.dataset.y !== String(y)) return false;
   const img = document.querySelector('#trace-sim img');
   if (!img || img.src === oldSim || !img.complete || !img.naturalWidth) return false;
-  return !!document.querySelector('#trace-plot .js-plotly-plot, #trace-plot svg');
+  const regions = [...document.querySelectorAll('#trace-regions img')];
+  return regions.length > 0 && regions.every(i => i.complete && i.naturalWidth > 0);
+}"""
+
+_CHART_DONE_JS = """([x, y]) => {
+  const gd = document.querySelector('#trace-plot .js-plotly-plot');
+  return !!(gd && gd.layout && gd.layout.meta === x + ',' + y && gd._fullLayout
+            && gd.querySelector('g.point'));
 }"""
 
 
@@ -186,5 +201,11 @@ def sim_src(page: Any) -> str:
 
 
 def wait_for_trace_change(page: Any, x: int, y: int, old_sim: str, timeout_ms: int = 20000) -> None:
-    """Wait until the trace panel shows pixel (x, y) and its new similarity image has loaded."""
+    """Wait until the trace panel shows pixel (x, y): its text, its new similarity image
+    and its support-region images loaded."""
     page.wait_for_function(_TRACE_DONE_JS, arg=[x, y, old_sim], timeout=timeout_ms)
+
+
+def wait_for_chart(page: Any, x: int, y: int, timeout_ms: int = 20000) -> None:
+    """Wait until the score bar chart is drawn for pixel (x, y)."""
+    page.wait_for_function(_CHART_DONE_JS, arg=[x, y], timeout=timeout_ms)

@@ -21,6 +21,9 @@ records kept here and names the prototype that contributed most.
 
 from __future__ import annotations
 
+import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -31,7 +34,7 @@ import torch.nn.functional as F
 from ovdiff_core.config import SegmentConfig
 from ovdiff_core.prefilter import PrefilterResult, prefilter
 from ovdiff_core.protocols import FeatureExtractor, ImageTextScorer
-from ovdiff_core.types import Category
+from ovdiff_core.types import Category, PrototypeBank
 
 __all__ = ["ScoringSet", "Segmentation", "ViewRecord", "segment"]
 
@@ -263,6 +266,38 @@ def _pack(extractor: str, kept: Sequence[Category], config: SegmentConfig) -> _P
     return _Packed(torch.cat(vectors).contiguous(), offsets, scoring)
 
 
+# Recently packed scoring sets, keyed by the identity of the banks they were built from
+# (plus everything else _pack reads). Packing copies every prototype vector into one
+# matrix (80 MB for 20 classes of 7680-d prototypes); segmenting several images with the
+# same categories reuses it. Banks are treated as immutable once built.
+_PACK_CACHE: OrderedDict[tuple, tuple[list[weakref.ref[PrototypeBank]], _Packed]] = OrderedDict()
+_PACK_CACHE_SIZE = 6  # entries (one per extractor and category set)
+_PACK_LOCK = threading.Lock()
+
+
+def _pack_cached(extractor: str, kept: Sequence[Category], config: SegmentConfig) -> _Packed:
+    """:func:`_pack`, reusing the result of an earlier call with the very same banks."""
+    banks = [c.banks[extractor] for c in kept]
+    key = (
+        extractor,
+        tuple(id(b) for b in banks),
+        tuple(c.stuff for c in kept),
+        config.background,
+        config.stuff_threshold,
+    )
+    with _PACK_LOCK:
+        hit = _PACK_CACHE.get(key)
+        if hit is not None and all(r() is b for r, b in zip(hit[0], banks, strict=True)):
+            _PACK_CACHE.move_to_end(key)
+            return hit[1]
+    packed = _pack(extractor, kept, config)
+    with _PACK_LOCK:
+        _PACK_CACHE[key] = ([weakref.ref(b) for b in banks], packed)
+        while len(_PACK_CACHE) > _PACK_CACHE_SIZE:
+            _PACK_CACHE.popitem(last=False)
+    return packed
+
+
 def score_cells(
     feats: torch.Tensor, packed: _Packed, floor: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -376,7 +411,10 @@ def segment(
         kept = [c for c in categories if c.stuff or c.name in keep]
 
     hp, wp = processed_size((h, w), config.short_side)
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
+    tensor = (
+        torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)[None].float()
+        / 255.0
+    )
     if (hp, wp) != (h, w):
         tensor = F.interpolate(tensor, size=(hp, wp), mode="bilinear", antialias=True)
         tensor = tensor.clamp_(0.0, 1.0)
@@ -391,7 +429,7 @@ def segment(
     whole: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
         for ex in extractors:
-            packed = _pack(ex.name, kept, config)
+            packed = _pack_cached(ex.name, kept, config)
             scoring[ex.name] = packed.scoring
             for vi, (top, left, vh, vw) in enumerate(boxes):
                 crop = tensor[:, :, top : top + vh, left : left + vw]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ovdiff_core.segment import Segmentation, interp_matrix, pixel_centres
+from ovdiff_core.segment import Segmentation, pixel_centres
 from ovdiff_core.types import PrototypeBank, PrototypeKind
 
 __all__ = ["Contribution", "PixelTrace", "PrototypeRef", "SupportRegion", "decompose", "trace"]
@@ -154,6 +154,34 @@ class _Axis:
         return [(c, wt) for c, wt in ((lo, 1.0 - f), (hi, f)) if wt != 0.0]
 
 
+class _Taps32:
+    """Separable bilinear resampling of a whole-view cell map to the input pixels, with the
+    row and column taps of :class:`_Axis` as float32 weights ready for numpy."""
+
+    def __init__(self, rows: _Axis, cols: _Axis) -> None:
+        self.row_lo, self.row_hi = rows.lo, rows.hi
+        self.row_w1 = rows.frac.astype(np.float32)[:, None]
+        self.row_w0 = 1.0 - self.row_w1
+        self.col_lo, self.col_hi = cols.lo, cols.hi
+        self.col_w1 = cols.frac.astype(np.float32)
+        self.col_w0 = 1.0 - self.col_w1
+
+    def apply(self, grid: np.ndarray) -> np.ndarray:
+        """(gh, gw) float32 -> (H, W) float32.
+
+        Plain numpy, a few passes over the output: no BLAS or torch thread pool to wake
+        for one small map (their hand-offs dominate the latency on a busy machine).
+        """
+        tmp = grid[self.row_lo] * self.row_w0
+        tmp += grid[self.row_hi] * self.row_w1  # (H, gw)
+        out = np.take(tmp, self.col_lo, axis=1)
+        out *= self.col_w0
+        right = np.take(tmp, self.col_hi, axis=1)
+        right *= self.col_w1
+        out += right
+        return out
+
+
 class _TraceIndex:
     """Per-segmentation lookup tables, built on the first trace of a segmentation.
 
@@ -181,22 +209,19 @@ class _TraceIndex:
         self.source = {e: sc.source.numpy() for e, sc in seg.scoring.items()}
         self.bank_index = {e: sc.bank_index.numpy() for e, sc in seg.scoring.items()}
         self.refs: dict[tuple[str, int], PrototypeRef] = {}
-        # whole-view grid (gh, gw) -> (H, gh) and (gw, W) float32 interpolation matrices
-        self.sim_mats: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.ys, self.xs = ys, xs
+        self.hp, self.wp = hp, wp
+        # whole-view grid (gh, gw) -> float32 bilinear taps of every input row and column
+        self.whole_taps: dict[tuple[int, int], _Taps32] = {}
 
-    def similarity_matrices(
-        self, seg: Segmentation, grid: tuple[int, int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        got = self.sim_mats.get(grid)
+    def whole_view_taps(self, grid: tuple[int, int]) -> _Taps32:
+        got = self.whole_taps.get(grid)
         if got is None:
-            (h, w), (hp, wp) = seg.size, seg.processed_size
-            wy = interp_matrix(pixel_centres(h, hp), 0, hp, grid[0])
-            wx = interp_matrix(pixel_centres(w, wp), 0, wp, grid[1])
-            got = (
-                torch.from_numpy(wy).to(torch.float32),
-                torch.from_numpy(wx.T).to(torch.float32).contiguous(),
+            got = _Taps32(
+                _Axis.build(self.ys, 0, self.hp, grid[0]),
+                _Axis.build(self.xs, 0, self.wp, grid[1]),
             )
-            self.sim_mats[grid] = got
+            self.whole_taps[grid] = got
         return got
 
     def ref(self, seg: Segmentation, extractor: str, q: int) -> PrototypeRef:
@@ -287,9 +312,8 @@ def _similarity_map(seg: Segmentation, ref: PrototypeRef, q: int) -> np.ndarray:
     Bilinear interpolation of the whole-image view's cell map onto the input pixels'
     centres (cell centres, edge-clamped), as the scores are made.
     """
-    sims = seg.whole_view_sims[ref.extractor][q].to(torch.float32)  # (gh, gw)
-    wy, wxt = _index(seg).similarity_matrices(seg, (int(sims.shape[0]), int(sims.shape[1])))
-    return (wy @ (sims @ wxt)).numpy()
+    sims = seg.whole_view_sims[ref.extractor][q].to(torch.float32).numpy()  # (gh, gw)
+    return _index(seg).whole_view_taps((int(sims.shape[0]), int(sims.shape[1]))).apply(sims)
 
 
 def _member_masks(bank: PrototypeBank, p: int) -> dict[int, np.ndarray]:
@@ -306,9 +330,16 @@ def _member_masks(bank: PrototypeBank, p: int) -> dict[int, np.ndarray]:
     images, slot = np.unique(n, return_inverse=True)
     grids = np.zeros((len(images), gh, gw), dtype=bool)
     grids[slot, row, col] = True
-    col_rep = np.diff((np.arange(gw + 1) * w) // gw)
     row_rep = np.diff((np.arange(gh + 1) * h) // gh)
-    masks = np.repeat(np.repeat(grids, col_rep, axis=2), row_rep, axis=1)  # (images, H, W)
+    if w % gw == 0 and (w // gw) % 8 == 0:
+        # Cells 8k px wide: write each cell's row span as k 8-byte words of 0x01 bytes.
+        words = grids.astype(np.uint64) * np.uint64(0x0101010101010101)
+        k = w // gw // 8
+        cols = np.broadcast_to(words[..., None], (*words.shape, k)).reshape(len(images), gh, -1)
+        wide = cols.view(np.bool_)  # (images, gh, W)
+    else:
+        wide = np.repeat(grids, np.diff((np.arange(gw + 1) * w) // gw), axis=2)
+    masks = np.repeat(wide, row_rep, axis=1)  # (images, H, W)
     return {int(i): masks[k] for k, i in enumerate(images)}
 
 

@@ -210,8 +210,11 @@ def test_segment_converts_odd_images_with_a_warning(
         im, note = Image.fromarray(big), "downscaled from 2400x1800 to 1024x768"
     path = tmp_path / f"{kind}.png"
     im.save(path)
-    with pytest.warns(UserWarning, match=note):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         overlay, _, seg, *_ = color_app.segment(str(path), built[0])
+    shown = [str(w.message) for w in caught]
+    assert any(note in m for m in shown), shown  # the conversion is reported, not silent
     expected = (768, 1024) if kind == "huge" else (192, 256)
     assert seg.size == expected and overlay.shape == (*expected, 3)
     if kind == "huge":
@@ -239,6 +242,15 @@ def test_trace_names_the_clicked_label_and_its_support(segmented, color_app: Dem
         assert regions[0][0].shape[0] >= 128
     html_cat = color_app.trace_at(seg, [50, 60])[0]
     assert "→ cat" in html_cat
+    # the two click handlers (run in parallel): panel, and chart == trace's class scores
+    html, sim, regions = color_app.trace_panel(seg, [50, 60])
+    assert html == html_cat and len(regions) >= 1
+    fig = color_app.trace_chart(seg, [50, 60])
+    assert fig.layout.meta == "50,60"
+    assert list(fig.data[0].y) == [trace(seg, 50, 60).class_scores[n] for n in seg.class_names]
+    assert list(fig.data[0].marker.line.width) == [3 if n == "cat" else 0 for n in seg.class_names]
+    with pytest.raises(gr.Error, match="segment an image first"):
+        color_app.trace_chart(None, [1, 1])
 
 
 def test_trace_before_segmenting_or_outside(color_app: DemoApp, segmented) -> None:
@@ -424,3 +436,9 @@ def test_tiny_backend_end_to_end(tiny_app: DemoApp) -> None:
     assert cup.support.settings.get("type") == "incontext_support"
     seg2 = tiny_app.segment(str(ROOT / "assets" / "coffee.jpg"), session)[2]
     assert "cup" in seg2.queried
+
+
+def test_real_backend_without_weights_says_how_to_get_them(tmp_path: Path) -> None:
+    app = DemoApp(make_model_factory("real", str(tmp_path)), backend_info("real"))
+    with pytest.raises(gr.Error, match=r"The models could not be loaded: .* download"):
+        next(app.build("cat", [], "cpu", 8, Session()))

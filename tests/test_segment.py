@@ -29,7 +29,7 @@ from ovdiff_core.segment import (
     view_boxes,
 )
 from ovdiff_core.testing import ColorExtractor, ColorGenerator, ColorWorld, paint_scene
-from ovdiff_core.types import Category
+from ovdiff_core.types import Category, PrototypeBank
 
 WORLD = ColorWorld.default()
 DARK = (40, 40, 40)
@@ -372,3 +372,29 @@ def test_bad_inputs(model: OVDiff) -> None:
     )
     with pytest.raises(ValueError, match="different dimensions"):
         segment(good, [*cats, mixed], exs)
+
+
+def test_scoring_set_is_reused_only_for_the_same_banks(model: OVDiff) -> None:
+    image, _ = scene((48, 64), [("cat", (8, 8, 32, 32))])
+    cats = list(model.categories.values())
+    cfg = SegmentConfig(short_side=48, windows=False)
+    a = segment(image, cats, model.extractors, cfg)
+    b = segment(image, cats, model.extractors, cfg)
+    name = model.extractors[0].name
+    assert b.scoring[name] is a.scoring[name]
+    assert np.array_equal(a.scores, b.scores)
+    # anything that changes the scoring set is a different entry
+    c = segment(image, cats, model.extractors, cfg.replace(background=False))
+    assert c.scoring[name] is not a.scoring[name] and (c.scoring[name].channel != 0).all()
+    stuffy = [Category(k.name, k.banks, k.support, stuff=k.name == "lamp") for k in cats]
+    d = segment(image, stuffy, model.extractors, cfg)
+    assert d.scoring[name] is not a.scoring[name]
+    assert (d.scoring[name].source[d.scoring[name].channel == 0] != 3).all()
+    # equal values in new bank objects: packed again, same result
+    copies = [
+        Category(k.name, {e: PrototypeBank(**vars(bk)) for e, bk in k.banks.items()}, k.support)
+        for k in cats
+    ]
+    e = segment(image, copies, model.extractors, cfg)
+    assert e.scoring[name] is not a.scoring[name]
+    assert np.array_equal(e.scores, a.scores)

@@ -289,7 +289,13 @@ def test_member_mask_fast_path_matches_reference() -> None:
     from ovdiff_core.types import SupportSet
 
     rng = np.random.default_rng(3)
-    for n, h, w, gh, gw in ((3, 30, 22, 4, 3), (2, 64, 64, 8, 8), (4, 17, 50, 5, 9)):
+    for n, h, w, gh, gw in (
+        (3, 30, 22, 4, 3),
+        (2, 64, 64, 8, 8),
+        (4, 17, 50, 5, 9),
+        (2, 64, 128, 4, 8),
+        (3, 40, 48, 5, 2),
+    ):
         fg = rng.random((n, h, w)) < 0.1
         support = SupportSet("x", np.zeros((n, h, w, 3), np.uint8), fg.astype(np.float32), fg, ~fg)
         bank = build_bank(support, torch.randn(n, 4, gh, gw), "x", PrototypeConfig(n_parts=3))

@@ -45,7 +45,7 @@ _UNET_LOCKS: dict[int, threading.Lock] = {}
 _UNET_LOCKS_GUARD = threading.Lock()
 
 
-def _unet_lock(unet: torch.nn.Module) -> threading.Lock:
+def unet_lock(unet: torch.nn.Module) -> threading.Lock:
     with _UNET_LOCKS_GUARD:
         return _UNET_LOCKS.setdefault(id(unet), threading.Lock())
 
@@ -305,7 +305,7 @@ def capture_cross_attention(
             images = pipe(prompt, num_images_per_prompt=4, output_type="np").images
         maps = rec.attribution((512, 512))   # (4, 512, 512) float32 in [0, 1]
     """
-    lock = _unet_lock(unet)
+    lock = unet_lock(unet)
     with lock:
         layers = cross_attention_layers(unet)
         originals = {name: module.processor for name, module in layers.items()}

@@ -707,10 +707,10 @@ class SDFeatureExtractor:
             handles.extend(q.register_forward_hook(query_hook(i)) for q in to_q)
         # Serialise with support generation on a shared UNet: its attention capture swaps
         # the UNet's processors while it runs (ovdiff_core.backends.attention).
-        from ovdiff_core.backends.attention import _unet_lock
+        from ovdiff_core.backends.attention import unet_lock
 
         try:
-            with _unet_lock(self.unet), torch.inference_mode():
+            with unet_lock(self.unet), torch.inference_mode():
                 vae_dtype = _param(self.vae).dtype
                 posterior = self.vae.encode(x.to(vae_dtype)).latent_dist
                 latents = posterior.mean.float() * float(self.vae.config.scaling_factor)

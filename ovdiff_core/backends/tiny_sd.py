@@ -129,11 +129,9 @@ def write_clip_tokenizer_files(directory: str | os.PathLike[str]) -> Path:
 
 
 def _default_cache_root() -> Path:
-    root = os.environ.get("OVDIFF_CACHE_DIR")
-    if root:
-        return Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "ovdiff"
+    from ovdiff_core.cache import default_cache_dir
+
+    return default_cache_dir()
 
 
 def clip_tokenizer_offline(cache_dir: str | os.PathLike[str] | None = None) -> CLIPTokenizer:
@@ -145,7 +143,7 @@ def clip_tokenizer_offline(cache_dir: str | os.PathLike[str] | None = None) -> C
 
     Args:
         cache_dir: where the rebuilt files are kept. Default:
-            ``$OVDIFF_CACHE_DIR`` or ``~/.cache/ovdiff`` (``$XDG_CACHE_HOME/ovdiff``); the
+            ``$OVDIFF_CACHE`` or ``~/.cache/ovdiff`` (``$XDG_CACHE_HOME/ovdiff``); the
             files go into a sub-directory named after the BPE file's hash. Written once,
             atomically, so concurrent processes are safe.
 

@@ -18,7 +18,14 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from demo.testing import ROOT, RunningApp, click_image_pixel, sim_src, wait_for_trace_change
+from demo.testing import (
+    ROOT,
+    RunningApp,
+    click_image_pixel,
+    sim_src,
+    wait_for_chart,
+    wait_for_trace_change,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -159,12 +166,15 @@ def test_clicking_pixels_traces_them(
         text = info.inner_text()
         assert f"Pixel (x={x}, y={y}) → {label}" in text
         assert "Winning prototype" in text
-        regions = page.locator("#trace-regions img")
-        regions.first.wait_for()
-        assert regions.count() >= 1
-        assert page.locator("#trace-plot .js-plotly-plot").count() == 1
+        assert page.locator("#trace-regions img").count() >= 1  # highlighted support regions
+        wait_for_chart(page, x, y)
         bars = page.locator("#trace-plot g.point").count()
         assert bars == len(reference.class_names)
+        heights = page.evaluate(
+            "() => document.querySelector('#trace-plot .js-plotly-plot').data[0].y"
+        )
+        expected = reference.scores[:, y, x]
+        assert heights == pytest.approx([float(v) for v in expected], rel=1e-5)
         assert page.locator("#overlay #ovd-marker").is_visible()
         infos.append((x, y, text, sim_src(page)))
         _shot(page, artifacts, f"0{5 + i}-trace.png" if i else "05-trace-first.png")

@@ -28,8 +28,8 @@ __all__ = ["KMeansResult", "kmeans"]
 
 # The k-means++ seeding looks at a random subsample of at most this many points.
 SEED_SAMPLE = 8192
-# Rows per chunk when a pass over the points would otherwise build an (n, D) temporary.
-_CHUNK_ELEMENTS = 1 << 23
+# Elements per chunk of the float64 passes over the points (a float64 chunk fits in L2).
+_CHUNK_ELEMENTS = 1 << 18
 
 
 @dataclass
@@ -83,14 +83,36 @@ def _means(x: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor,
     return sums / counts.clamp(min=1)[:, None].to(x.dtype), counts
 
 
-def _inertia(x: torch.Tensor, centres: torch.Tensor, labels: torch.Tensor) -> float:
-    """Sum of squared distances of points to their centre, computed directly in chunks."""
+def _chunks(x: torch.Tensor) -> range:
+    """Row offsets of cache-sized chunks of ``x`` (float64 copies of them stay in L2)."""
+    return range(0, x.shape[0], max(1, _CHUNK_ELEMENTS // max(1, x.shape[1])))
+
+
+def _row_sq_norms64(x: torch.Tensor) -> torch.Tensor:
+    """(n,) float64 squared row norms, accumulated in float64 chunk by chunk."""
     step = max(1, _CHUNK_ELEMENTS // max(1, x.shape[1]))
-    total = 0.0
-    for lo in range(0, x.shape[0], step):
-        diff = x[lo : lo + step] - centres[labels[lo : lo + step]]
-        total += float(diff.square().sum(dtype=torch.float64))
-    return total
+    out = torch.empty(x.shape[0], dtype=torch.float64)
+    for lo in _chunks(x):
+        out[lo : lo + step] = torch.linalg.vector_norm(x[lo : lo + step].double(), dim=1)
+    return out.square_()
+
+
+def _final_clusters(
+    x: torch.Tensor, x_sq64: torch.Tensor, labels: torch.Tensor, k: int
+) -> tuple[torch.Tensor, float]:
+    """Exact cluster means (float64 sums, rounded to float32) and the inertia.
+
+    The inertia uses ``sum over a cluster of |x - mean|^2 = sum |x|^2 - |sum x|^2 / n`` with
+    float64 sums, so it needs no further pass over the points and stays accurate even
+    when the points share a large offset.
+    """
+    step = max(1, _CHUNK_ELEMENTS // max(1, x.shape[1]))
+    sums = torch.zeros(k, x.shape[1], dtype=torch.float64)
+    for lo in _chunks(x):
+        sums.index_add_(0, labels[lo : lo + step], x[lo : lo + step].double())
+    counts = torch.bincount(labels, minlength=k).double()
+    inertia = float(x_sq64.sum()) - float((sums.square().sum(1) / counts).sum())
+    return (sums / counts[:, None]).to(torch.float32), max(inertia, 0.0)
 
 
 def kmeans(
@@ -118,7 +140,8 @@ def kmeans(
     x = x.detach().to(torch.float32).contiguous()
     n = x.shape[0]
     gen = torch.Generator().manual_seed(seed)
-    x_sq = x.square().sum(1)
+    x_sq64 = _row_sq_norms64(x)
+    x_sq = x_sq64.to(torch.float32)
     if not bool(torch.isfinite(x_sq).all()):  # NaN / inf anywhere in a row shows up here
         raise ValueError("kmeans: x contains NaN or infinite values; clean the features first")
 
@@ -153,7 +176,5 @@ def kmeans(
     remap = torch.full((centres.shape[0],), -1, dtype=torch.long)
     remap[used] = torch.arange(len(used))
     labels = remap[labels]
-    centres, _ = _means(x, labels, len(used))
-    return KMeansResult(
-        centroids=centres, labels=labels, inertia=_inertia(x, centres, labels), n_iter=it
-    )
+    centres, inertia = _final_clusters(x, x_sq64, labels, len(used))
+    return KMeansResult(centroids=centres, labels=labels, inertia=inertia, n_iter=it)

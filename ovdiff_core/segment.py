@@ -38,6 +38,10 @@ from ovdiff_core.types import Category, PrototypeBank
 
 __all__ = ["ScoringSet", "Segmentation", "ViewRecord", "segment"]
 
+# Longest accepted side ratio: the short side is resized to 448 px, so a 2x1000 image
+# would otherwise become 448x224,000 px.
+MAX_ASPECT = 10
+
 
 @dataclass
 class ViewRecord:
@@ -345,6 +349,11 @@ def _check_inputs(
         raise ValueError(f"segment: image must be uint8 (0..255), got {image.dtype}")
     if min(image.shape[:2]) < 2:
         raise ValueError(f"segment: image is too small ({image.shape[1]}x{image.shape[0]} px)")
+    if max(image.shape[:2]) > MAX_ASPECT * min(image.shape[:2]):
+        raise ValueError(
+            f"segment: image is {image.shape[1]}x{image.shape[0]} px, more than {MAX_ASPECT}:1; "
+            "crop it to a less elongated region first"
+        )
     if not categories:
         raise ValueError("segment: no categories; build at least one category first")
     names = [c.name for c in categories]

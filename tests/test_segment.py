@@ -398,3 +398,16 @@ def test_scoring_set_is_reused_only_for_the_same_banks(model: OVDiff) -> None:
     e = segment(image, copies, model.extractors, cfg)
     assert e.scoring[name] is not a.scoring[name]
     assert np.array_equal(e.scores, a.scores)
+
+
+def test_extremely_elongated_image_is_refused_with_a_clear_message() -> None:
+    from ovdiff_core.segment import MAX_ASPECT
+
+    world = ColorWorld.default()
+    model = OVDiff(ColorGenerator(world), [ColorExtractor()])
+    model.build(["cat"])
+    ok = np.zeros((8, 8 * MAX_ASPECT, 3), dtype=np.uint8)  # exactly at the limit: accepted
+    assert model.segment(ok).labels.shape == (8, 8 * MAX_ASPECT)
+    too_long = np.zeros((8, 8 * MAX_ASPECT + 1, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="crop it"):
+        model.segment(too_long)

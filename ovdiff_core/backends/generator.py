@@ -23,7 +23,7 @@ from_pretrained` loads real weights through :mod:`ovdiff_core.backends.loading`.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, cast
 
@@ -64,6 +64,12 @@ _SCHEDULERS = {
     "ddim": "DDIMScheduler",
     "model": None,  # keep the scheduler the model ships with
 }
+
+
+def remap_name(category: str, remaps: Sequence[tuple[str, str]]) -> str:
+    """``category`` stripped, or its remap (case-insensitive), e.g. "diningtable" -> "table"."""
+    name = category.strip()
+    return {k.lower(): v for k, v in remaps}.get(name.lower(), name)
 
 
 @dataclass(frozen=True)
@@ -122,9 +128,7 @@ class GenerationConfig:
 
     def prompt_name(self, category: str) -> str:
         """The name put into the prompt: the remap of ``category`` if any, else itself."""
-        name = category.strip()
-        remaps = {k.lower(): v for k, v in self.name_remaps}
-        return remaps.get(name.lower(), name)
+        return remap_name(category, self.name_remaps)
 
     def replace(self, **changes: Any) -> GenerationConfig:
         return replace(self, **changes)

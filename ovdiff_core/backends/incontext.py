@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ovdiff_core.backends.attention import AttributionRecorder, capture_cross_attention
-from ovdiff_core.backends.generator import NAME_REMAPS
+from ovdiff_core.backends.generator import NAME_REMAPS, remap_name
 from ovdiff_core.backends.proposer import SegmentProposer, ThresholdProposer, make_proposer
 from ovdiff_core.backends.tokens import locate_name_tokens
 from ovdiff_core.masks import MaskConfig, erode, select_masks_batch
@@ -76,8 +76,7 @@ class InContextConfig:
             raise ValueError(f"InContextConfig.batch_size must be >= 1, got {self.batch_size}")
 
     def prompt_name(self, category: str) -> str:
-        name = category.strip()
-        return {k.lower(): v for k, v in self.name_remaps}.get(name.lower(), name)
+        return remap_name(category, self.name_remaps)
 
     def replace(self, **changes: Any) -> InContextConfig:
         return replace(self, **changes)

@@ -25,9 +25,9 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -41,6 +41,8 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["Cache", "default_cache_dir", "safe_slug"]
+
+T = TypeVar("T")
 
 _FORMAT = 1
 
@@ -174,29 +176,32 @@ class Cache:
         meta = {"category": support.category, "settings": support.settings}
         return self.save("support", support.category, key, support.tensors(), meta)
 
-    def load_support(self, key: str, category: str) -> SupportSet | None:
-        got = self.load("support", category, key)
-        if got is None:
-            return None
-        tensors, meta = got
-        if meta.get("category") != category:
+    def _load_typed(
+        self,
+        kind: str,
+        key: str,
+        category: str,
+        build: Callable[[dict[str, torch.Tensor], dict[str, Any]], T],
+    ) -> T | None:
+        """Load entry ``key`` of ``kind`` and build it; None if missing, invalid or foreign."""
+        got = self.load(kind, category, key)
+        if got is None or got[1].get("category") != category:
             return None
         try:
-            return SupportSet.from_tensors(category, tensors, meta.get("settings", {}))
+            return build(*got)
         except (KeyError, ValueError):
             return None
+
+    def load_support(self, key: str, category: str) -> SupportSet | None:
+        return self._load_typed(
+            "support",
+            key,
+            category,
+            lambda t, m: SupportSet.from_tensors(category, t, m.get("settings", {})),
+        )
 
     def save_bank(self, key: str, bank: PrototypeBank) -> Path:
         return self.save("bank", bank.category, key, bank.tensors(), bank.meta())
 
     def load_bank(self, key: str, category: str) -> PrototypeBank | None:
-        got = self.load("bank", category, key)
-        if got is None:
-            return None
-        tensors, meta = got
-        if meta.get("category") != category:
-            return None
-        try:
-            return PrototypeBank.from_tensors(tensors, meta)
-        except (KeyError, ValueError):
-            return None
+        return self._load_typed("bank", key, category, PrototypeBank.from_tensors)

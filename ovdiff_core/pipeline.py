@@ -7,6 +7,7 @@ import re
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -178,7 +179,14 @@ class OVDiff:
     def _banks(
         self, support: SupportSet, skey: str
     ) -> Iterator[tuple[FeatureExtractor, PrototypeBank, bool]]:
+        with self._lock:
+            current = self.categories.get(support.category)
+        built = current.banks if current is not None and current.support is support else {}
         for ex in self.extractors:
+            done = built.get(ex.name)
+            if done is not None and done.settings.get("prototypes") == self.prototypes.to_dict():
+                yield ex, done, True
+                continue
             bkey = self.bank_key(skey, ex)
             bank = self.cache.load_bank(bkey, support.category) if self.cache else None
             if bank is not None:
@@ -214,6 +222,14 @@ class OVDiff:
             name, "done", done=len(support), total=len(support), category_result=cat
         )
 
+    def _built_support(self, name: str, spec: dict[str, Any]) -> SupportSet | None:
+        """The in-memory support set of ``name`` if it was generated with ``spec``."""
+        with self._lock:
+            cat = self.categories.get(name)
+        if cat is None or cat.support is None or cat.support.settings != spec:
+            return None
+        return cat.support
+
     def build_iter(self, name: str, stuff: bool | None = None) -> Iterator[BuildProgress]:
         """Build one category step by step (support batches stream as they are generated).
 
@@ -232,7 +248,9 @@ class OVDiff:
         total = spec.get("n_images") if isinstance(spec.get("n_images"), int) else None
         lock = self.cache.lock("support", skey) if self.cache else contextlib.nullcontext()
         with lock:
-            support = self.cache.load_support(skey, name) if self.cache else None
+            support = self._built_support(name, spec)
+            if support is None and self.cache is not None:
+                support = self.cache.load_support(skey, name)
             if support is not None:
                 yield BuildProgress(
                     name, "support", batch=support, done=len(support), total=total, cached=True

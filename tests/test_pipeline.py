@@ -158,3 +158,20 @@ def test_add_support_is_cached_by_content(tmp_path) -> None:  # type: ignore[no-
     changed.foreground[0, 0, 0] = True
     OVDiff(None, [ex], cache=cache).add_support(changed)
     assert ex.calls > calls, "different masks are a different entry"
+
+
+def test_rebuilding_a_category_in_memory_runs_no_generator_or_extractor_again() -> None:
+    world = ColorWorld.default()
+    gen, ex = ColorGenerator(world, n_images=4), ColorExtractor()
+    model = OVDiff(gen, [ex])  # no cache: only the in-memory category can be reused
+    first = model.build(["cat"])[0]
+    generated, calls = gen.generated, ex.calls
+    events = list(model.build_iter("cat"))
+    assert (gen.generated, ex.calls) == (generated, calls)
+    assert [e.cached for e in events if e.stage in ("support", "bank")] == [True, True]
+    assert events[-1].category_result is not None
+    assert events[-1].category_result.banks["color"] is first.banks["color"]
+    # A different prototype setting must rebuild the banks (from the same support set).
+    model.prototypes = PrototypeConfig(n_parts=2)
+    model.build(["cat"])
+    assert gen.generated == generated and ex.calls > calls

@@ -80,7 +80,9 @@ def test_embeddings_are_cached(scorer):
     a = scorer.image_text_scores(image, ["a cat", "a dog"])
     b = scorer.image_text_scores(image.copy(), ["a dog", "a cat", "a cat"])
     assert scorer.image_encoder_calls == 1 and scorer.text_encoder_calls == 1
-    np.testing.assert_array_equal(b, [a[1], a[0], a[0]])
+    # Cached embeddings give the same scores; the batch shape of the matrix product may
+    # change the last bits, so compare with a tolerance (as diffusers' tests do).
+    np.testing.assert_allclose(b, [a[1], a[0], a[0]], rtol=1e-5, atol=1e-6)
     scorer.image_text_scores(_image(seed=3), ["a cat"])
     assert scorer.image_encoder_calls == 2 and scorer.text_encoder_calls == 1
 

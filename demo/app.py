@@ -9,8 +9,10 @@ model (:func:`ovdiff_core.trace` only).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from demo import render
+from demo.hosting import HostingConfig, build_seconds, gpu, segment_seconds
 from demo.inputs import (
     MAX_CATEGORIES,
     MAX_SIDE,
@@ -41,21 +44,11 @@ from demo.models import (
     OwnPhotoSupport,
     backend_info,
 )
-from ovdiff_core.pipeline import OVDiff, clean_category_name
+from ovdiff_core.pipeline import BuildProgress, OVDiff, clean_category_name
 from ovdiff_core.segment import Segmentation, segment
 from ovdiff_core.stuff import is_stuff
 from ovdiff_core.trace import PixelTrace, trace
 from ovdiff_core.types import Category, PrototypeKind, SupportSet
-
-try:  # Hugging Face Spaces (ZeroGPU): borrow a GPU for the heavy handlers
-    import spaces
-
-    GPU: Callable[[Callable[..., Any]], Callable[..., Any]] = spaces.GPU
-except ImportError:  # anywhere else: a no-op
-
-    def GPU(fn: Callable[..., Any]) -> Callable[..., Any]:
-        return fn
-
 
 __all__ = ["CSS", "MARKER_JS", "DemoApp", "Session", "build_demo"]
 
@@ -129,6 +122,7 @@ MARKER_JS = """
 """
 
 T = TypeVar("T")
+log = logging.getLogger("ovdiff.demo")
 
 
 # --------------------------------------------------------------------------- state
@@ -289,10 +283,21 @@ class DemoApp:
         info: how to present the backend (banner, ready sets, examples).
     """
 
-    def __init__(self, model_factory: ModelFactory, info: BackendInfo) -> None:
+    def __init__(
+        self,
+        model_factory: ModelFactory,
+        info: BackendInfo,
+        hosting: HostingConfig | None = None,
+    ) -> None:
         self.pool = ModelPool(model_factory)
         self.info = info
-        self.build_lock = threading.Lock()  # one build (generation) at a time per process
+        self.hosting = hosting or HostingConfig(zero_gpu=False)
+        self.max_support = min(self.hosting.max_support, SUPPORT_SIZE_MAX)
+        self.blocks: gr.Blocks | None = None  # set by build_demo (session clean-up)
+        # Generating support images: one category at a time per process (the attention
+        # capture hooks a shared UNet). Categories served from the cache never take it.
+        self.generation = threading.Lock()
+        self._build_class_gpu = gpu(self.class_seconds)(self.build_class)
         self.tiles = _TileStore()
         self._own: dict[int, OwnPhotoSupport] = {}  # by id() of the pool's models (kept alive)
         self._own_lock = threading.Lock()
@@ -314,6 +319,100 @@ class DemoApp:
             if key not in self._own:
                 self._own[key] = OwnPhotoSupport(model)
             return self._own[key]
+
+    # ---------------------------------------------------------------- hosting
+
+    def support_limit(self, preset: str) -> int:
+        """Largest support-set size a visitor may ask of ``preset``: the owner's cap and,
+        on ZeroGPU, the largest whose build of one category fits in one GPU call of at
+        most ``hosting.gpu_max_seconds`` (estimated from the preset's settings)."""
+        limit = self.max_support
+        if self.hosting.zero_gpu:
+            from types import SimpleNamespace
+
+            from demo.hosting import max_support_for
+            from ovdiff_core.backends.presets import PRESETS as PRESET_CONFIGS
+
+            config = PRESET_CONFIGS[preset].generation
+            fits = max_support_for(SimpleNamespace(config=config), self.hosting.gpu_max_seconds)
+            limit = min(limit, fits)
+        return max(SUPPORT_SIZE_MIN, limit)
+
+    def start(self, preload: bool = False) -> threading.Thread | None:
+        """Get the app ready before visitors come.
+
+        Args:
+            preload: load every offered preset's models now (ZeroGPU's practice: load
+                at start-up, outside GPU calls) instead of on first use.
+
+        Returns:
+            the background thread building ``hosting.prebuild`` (None when there are no
+            such names), so that cached categories are ready when the page opens.
+        """
+        if preload:
+            for preset in self.hosting.presets:
+                self.pool.get(preset, None)
+        if not self.hosting.prebuild:
+            return None
+        thread = threading.Thread(target=self._prebuild, name="ovdiff-prebuild", daemon=True)
+        thread.start()
+        return thread
+
+    def _prebuild(self) -> None:
+        preset = self.hosting.presets[0]
+        for name in self.hosting.prebuild:
+            try:
+                with self.generation:
+                    for _ in self._build_class_gpu(preset, None, name, None):
+                        pass
+                log.info("prebuilt %r (%s preset)", name, preset)
+            except Exception as err:  # a start-up helper: report and go on
+                log.warning("could not prebuild %r: %s", name, err)
+
+    def class_seconds(
+        self, preset: str, size: int | None, name: str, stuff: bool | None = None
+    ) -> int:
+        """GPU seconds for :meth:`build_class` of ``name`` (ZeroGPU's dynamic duration)."""
+        model = self.pool.get(preset, size)
+        try:
+            cached = model.is_cached(name)
+        except ValueError:
+            cached = False
+        seconds = build_seconds(model.generator, size, cached=cached)
+        return min(seconds, self.hosting.gpu_max_seconds)
+
+    def segment_seconds(self, upload: Any, session: Session) -> int:
+        """GPU seconds for :meth:`segment` of ``upload`` with ``session``'s preset (ZeroGPU's
+        dynamic duration): the number of views the image's size gives times extractors."""
+        from ovdiff_core.segment import processed_size, view_boxes
+
+        model = self.pool.get(session.preset or self.hosting.presets[0], session.support_size)
+        try:
+            with Image.open(upload) as im:  # header only: the pixels are decoded later
+                width, height = im.size
+        except (OSError, ValueError, TypeError, AttributeError):
+            width = height = MAX_SIDE
+        scale = min(1.0, MAX_SIDE / max(width, height, 1))
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        cfg = model.segmentation
+        views = len(view_boxes(processed_size(size, cfg.short_side), cfg))
+        seconds = segment_seconds(views, len(model.extractors))
+        return min(seconds, self.hosting.gpu_max_seconds)
+
+    def own_photos_seconds(self, name: str, stuff: bool, preset: str, session: Session) -> int:
+        """GPU seconds for :meth:`create_category`: one UNet pass and features per photo."""
+        return min(15 + 3 * len(session.photos), self.hosting.gpu_max_seconds)
+
+    def forget_session(self, request: gr.Request) -> None:
+        """Drop everything Gradio keeps for a visitor who closed or reloaded the page."""
+        holder = getattr(self.blocks, "state_holder", None)
+        key = getattr(request, "session_hash", None)
+        if holder is None or key is None:
+            return
+        holder.delete_state(key)  # our gr.State values (session, segmentation)
+        with holder.lock:  # and Gradio's own per-session copy of component values
+            holder.session_data.pop(key, None)
+            holder.time_last_used.pop(key, None)
 
     # ---------------------------------------------------------------- tab 1: categories
 
@@ -342,8 +441,6 @@ class DemoApp:
             raise gr.Error(
                 f"Support-set size must be {SUPPORT_SIZE_MIN}..{SUPPORT_SIZE_MAX}, got {size}."
             )
-        if self.build_lock.locked():
-            raise gr.Error("A build is already running; wait for it to finish, then try again.")
 
     def build(
         self,
@@ -363,12 +460,7 @@ class DemoApp:
         self.check_build(names_text, preset, support_size)
         names = parse_category_names(names_text)
         size = int(support_size) if support_size else None
-        if not self.build_lock.acquire(blocking=False):
-            raise gr.Error("A build is already running; wait for it to finish, then try again.")
-        try:
-            yield from self._build(names, set(stuff_names or []), preset, size, session, progress)
-        finally:
-            self.build_lock.release()
+        yield from self._build(names, set(stuff_names or []), preset, size, session, progress)
 
     def _build(
         self,
@@ -400,7 +492,16 @@ class DemoApp:
                 cached_before = model.is_cached(name)
                 offset = 0
                 result: Category | None = None
-                for ev in model.build_iter(name, stuff=name in stuff):
+                steps = self._class_steps(cached_before, preset, size, name, name in stuff)
+                for ev in steps:
+                    if isinstance(ev, str):  # waiting for another visitor's generation
+                        yield (
+                            tiles[-MAX_GALLERY:],
+                            "\n\n".join([*lines, f"**{name}**: {ev}"]),
+                            session,
+                            gr.update(),
+                        )
+                        continue
                     total = ev.total or per_class or max(ev.done, 1)
                     if ev.stage == "support" and ev.batch is not None:
                         batch = ev.batch
@@ -449,6 +550,32 @@ class DemoApp:
             session,
             self._category_update(session),
         )
+
+    def _class_steps(
+        self, cached: bool, preset: str, size: int | None, name: str, stuff: bool
+    ) -> Iterator[str | BuildProgress]:
+        """The build events of one category, preceded, when it must be generated, by a
+        status line each second while another build holds this process's generation
+        turn. The turn is released when the events end, fail or are abandoned."""
+        with contextlib.ExitStack() as turn:
+            if not cached:
+                waited = 0
+                while not self.generation.acquire(timeout=1.0):
+                    waited += 1
+                    yield f"waiting for another visitor's build to finish ({waited} s)..."
+                turn.callback(self.generation.release)
+            yield from self._build_class_gpu(preset, size, name, stuff)
+
+    def build_class(
+        self, preset: str, size: int | None, name: str, stuff: bool | None
+    ) -> Iterator[BuildProgress]:
+        """Build (or load) one category: the unit of GPU work.
+
+        On ZeroGPU this runs as one GPU call per category (wrapped in ``__init__`` with
+        :func:`demo.hosting.gpu` and the dynamic duration :meth:`class_seconds`); it takes
+        and returns only picklable values, as ZeroGPU's worker process needs.
+        """
+        yield from self.pool.get(preset, size).build_iter(name, stuff=stuff)
 
     @staticmethod
     def _category_update(session: Session) -> dict[str, Any]:
@@ -510,7 +637,7 @@ class DemoApp:
         if len(session.categories) >= MAX_CATEGORIES and clean not in session.categories:
             raise gr.Error(f"You have {MAX_CATEGORIES} categories already; that is the limit.")
         model = self.model(preset, session.support_size)
-        if not self.build_lock.acquire(blocking=False):
+        if not self.generation.acquire(blocking=False):
             raise gr.Error("A build is already running; wait for it to finish, then try again.")
         try:
             support = _checked(self.own_photos(model), clean, session.photos)
@@ -518,7 +645,7 @@ class DemoApp:
         except (ValueError, RuntimeError) as err:
             raise gr.Error(f"Could not make '{clean}' from your photos: {err}") from None
         finally:
-            self.build_lock.release()
+            self.generation.release()
         if session.preset not in (None, preset) and session.categories:
             gr.Warning(f"Preset changed to '{preset}': categories of '{session.preset}' removed.")
             session.categories = {}
@@ -718,6 +845,7 @@ def build_demo(
     backend: str = "real",
     info: BackendInfo | None = None,
     default_preset: str = "cpu",
+    hosting: HostingConfig | None = None,
 ) -> gr.Blocks:
     """The whole app as a ``gr.Blocks`` (not launched; theme and CSS go to ``launch()``).
 
@@ -725,16 +853,24 @@ def build_demo(
         model_factory: (preset, support-set size) -> OVDiff (see :mod:`demo.models`).
         backend: ``"real"``, ``"tiny"`` or ``"color"``; sets the banner and examples.
         info: override of :func:`demo.models.backend_info` (tests).
-        default_preset: the preset selected on load.
+        default_preset: the preset selected on load (if ``hosting`` offers it).
+        hosting: presets offered, limits, session lifetime (default: all presets, no
+            Space limits; see :mod:`demo.hosting`).
     """
     info = info or backend_info(backend)
-    app = DemoApp(model_factory, info)
-    build_gpu, segment_gpu = GPU(app.build), GPU(app.segment)
+    hosting = hosting or HostingConfig(zero_gpu=False)
+    app = DemoApp(model_factory, info, hosting)
+    if default_preset not in hosting.presets:
+        default_preset = hosting.presets[0]
     first_names = split_names_leniently(info.default_names)
 
-    with gr.Blocks(title=TITLE) as demo:
-        session = gr.State(Session())
-        seg_state = gr.State(None)
+    # Gradio's own temporary files (uploads, rendered images) are deleted once they are
+    # `temp_max_age` seconds old, checked as often.
+    with gr.Blocks(title=TITLE, delete_cache=(hosting.temp_max_age, hosting.temp_max_age)) as demo:
+        # A visitor's data lives until `session_ttl` seconds after their last action, or
+        # until they close the page (`demo.unload` below), whichever comes first.
+        session = gr.State(Session(), time_to_live=hosting.session_ttl)
+        seg_state = gr.State(None, time_to_live=hosting.session_ttl)
         typed_names = gr.State(first_names)
 
         gr.Markdown(f"# {TITLE}\n{SUBTITLE}")
@@ -768,7 +904,7 @@ def build_demo(
                 )
                 with gr.Row():
                     preset = gr.Radio(
-                        choices=list(PRESETS),
+                        choices=list(hosting.presets),
                         value=default_preset,
                         label="Preset",
                         info="cpu: fast settings for a laptop; paper: the authors' settings "
@@ -777,8 +913,8 @@ def build_demo(
                     )
                     support_size = gr.Slider(
                         SUPPORT_SIZE_MIN,
-                        SUPPORT_SIZE_MAX,
-                        value=info.default_support,
+                        app.max_support,
+                        value=min(info.default_support, app.max_support),
                         step=1,
                         label="Support images per category",
                         elem_id="support-size",
@@ -965,21 +1101,25 @@ def build_demo(
             concurrency_limit=None,
             show_progress="hidden",
         ).success(lambda: gr.update(interactive=False), None, build_btn, queue=False).success(
-            build_gpu,
+            # Not a GPU call itself: cached categories load at once, and each category
+            # that must be generated is one GPU call of its own (DemoApp.build_class).
+            # Generation waits for its turn inside the handler, so visitors whose
+            # categories are cached never queue behind another visitor's generation.
+            app.build,
             [names_box, stuff_box, preset, support_size, session],
             [support_gallery, build_status, session, how_cat],
-            concurrency_limit=1,
+            concurrency_limit=16,
             concurrency_id="build",
         ).then(lambda: gr.update(interactive=True), None, build_btn, queue=False)
 
         add_btn.click(app.add_photo, [editor, session], [own_gallery, own_status, session])
         clear_btn.click(app.clear_photos, session, [own_gallery, own_status, session])
         create_btn.click(
-            app.create_category,
+            gpu(app.own_photos_seconds)(app.create_category),
             [own_name, own_stuff, preset, session],
             [own_status, session, own_gallery, how_cat],
             concurrency_limit=1,
-            concurrency_id="build",
+            concurrency_id="own-photos",
         )
 
         segment_btn.click(
@@ -989,7 +1129,7 @@ def build_demo(
             concurrency_limit=None,
             show_progress="hidden",
         ).success(
-            segment_gpu,
+            gpu(app.segment_seconds)(app.segment),
             [upload, session],
             [
                 overlay,
@@ -1039,6 +1179,11 @@ def build_demo(
             ],
         )
 
+        # Closing or reloading the page frees what the visitor left behind at once
+        # (Gradio alone would keep it for another hour).
+        demo.unload(app.forget_session)
+
     demo.queue(default_concurrency_limit=2)
     demo.ovdiff_app = app  # handlers, for tests and scripts
+    app.blocks = demo
     return demo

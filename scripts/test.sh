@@ -5,8 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The tested versions (constraints.txt) make every fresh install the one CI last saw.
 python3 -m pip install --quiet --disable-pip-version-check \
-    -r requirements.txt -r requirements-dev.txt
+    -r requirements.txt -r requirements-dev.txt -c constraints.txt
 
 # Browser tests drive Debian's Chromium headless (Playwright cannot download browsers here).
 if ! command -v chromium >/dev/null 2>&1; then

@@ -118,13 +118,28 @@ def test_build_rejects_bad_size_and_preset(color_app: DemoApp) -> None:
         next(color_app.build("cat", [], "turbo", 4, Session()))
 
 
-def test_build_while_a_build_runs_is_refused(color_app: DemoApp) -> None:
-    first = color_app.build("cat", [], "cpu", 4, Session())
-    next(first)  # the first build is now running (holds the lock)
-    with pytest.raises(gr.Error, match="already running"):
-        next(color_app.build("sofa", [], "cpu", 4, Session()))
-    first.close()  # abandoning a build (visitor left) releases the lock
-    assert list(color_app.build("sofa", [], "cpu", 4, Session()))
+def _statuses(outs: list[tuple]) -> str:
+    return "\n".join(str(o[1]) for o in outs)
+
+
+def test_cached_builds_never_wait_for_another_visitors_generation(color_app: DemoApp, built):
+    first = color_app.build("plum", [], "cpu", 4, Session())
+    next(first)  # checking the cache
+    next(first)  # generating: holds the generation turn
+    assert color_app.generation.locked()
+    # Another visitor whose categories are cached gets them while the generation runs.
+    session = Session()
+    outs = list(color_app.build("cat, sofa", [], "cpu", 4, session))
+    assert list(session.categories) == ["cat", "sofa"] and "waiting" not in _statuses(outs)
+    # A visitor who needs generation waits for the turn, with a status line, not an error.
+    waiting = color_app.build("teal", [], "cpu", 4, Session())
+    outs = [next(waiting) for _ in range(3)]
+    assert "waiting for another visitor's build" in str(outs[-1][1])
+    first.close()  # abandoning a build (the visitor left) releases the turn
+    assert not color_app.generation.locked()
+    session = Session()
+    rest = list(waiting)
+    assert "Ready: 1 category" in str(rest[-1][1]) and not color_app.generation.locked()
 
 
 def test_preset_change_drops_old_categories_with_a_warning(color_app: DemoApp) -> None:

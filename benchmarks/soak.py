@@ -1,0 +1,148 @@
+"""Soak test of a running app: memory and disk must level off however many visitors come.
+
+Starts ``app.py`` (colour backend: no neural network, so this measures what the app and
+the library keep, not model weights) with the hosting defaults of :mod:`demo.hosting`,
+then plays N visitors one after another through Gradio's HTTP API (``gradio_client``):
+each opens a new session, builds one category name nobody asked for before, and segments
+a 1024 px image. Every ``--every`` visitors it prints the server's resident memory (RSS,
+from /proc) and the bytes on disk in the cache, in the app's tile folder and in Gradio's
+temporary folder. Visitors never close their page here (the API client sends no unload),
+which is the worst case: sessions then go only by the session cap and time to live.
+
+Usage::
+
+    python benchmarks/soak.py [--visitors 200] [--every 20] [--side 1024]
+        [--env OVDIFF_MAX_SESSIONS=64 ...]
+
+The run is bounded: N visitors, each with a 120 s limit, on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _du_mib(path: Path) -> float:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(FileNotFoundError):  # deleted while we walk
+                total += os.lstat(os.path.join(root, f)).st_size
+    return total / 2**20
+
+
+def _scene(side: int, path: Path) -> None:
+    from ovdiff_core.testing import ColorWorld, paint_scene
+
+    world = ColorWorld.default()
+    boxes = [
+        (world.parts["cat"], (side // 8, side // 8, side // 3, side // 3)),
+        (world.parts["sofa"], (side // 2, side // 2, side // 3, side // 3)),
+    ]
+    image, _ = paint_scene((side, side), (40, 40, 40), boxes, seed=1)
+    Image.fromarray(np.asarray(image)).save(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--visitors", type=int, default=200)
+    parser.add_argument("--every", type=int, default=20)
+    parser.add_argument("--side", type=int, default=1024)
+    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the app")
+    args = parser.parse_args()
+
+    from gradio_client import Client, handle_file
+
+    work = Path(tempfile.mkdtemp(prefix="ovdiff-soak-"))
+    cache, gtemp, tiles = work / "cache", work / "gradio-tmp", work / "tiles"
+    for d in (cache, gtemp, tiles):
+        d.mkdir()
+    scene = work / "scene.png"
+    _scene(args.side, scene)
+    port = _free_port()
+    env = dict(os.environ)
+    env.update(
+        OVDIFF_CACHE=str(cache),
+        GRADIO_TEMP_DIR=str(gtemp),
+        TMPDIR=str(tiles),  # the app's tile folder is made with tempfile.mkdtemp
+        GRADIO_ANALYTICS_ENABLED="False",
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(dict(kv.split("=", 1) for kv in args.env))
+    cmd = [sys.executable, str(ROOT / "app.py"), "--backend", "color", "--port", str(port)]
+    log = open(work / "app.log", "wb")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    print(f"# app pid {proc.pid}, {url}, work folder {work}")
+    print(f"# settings: {' '.join(args.env) or 'defaults'}; image {args.side} px")
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                Client(url, verbose=False, download_files=False)
+                break
+            except Exception:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"the app did not start; see {work / 'app.log'}") from None
+                time.sleep(1)
+        print("| visitors | names built | RSS MiB | cache MiB | tiles MiB | Gradio temp MiB | s/visitor |")
+        print("|" + "---|" * 7)
+        start = time.monotonic()
+        last = start
+        print(f"| 0 | 0 | {_rss_mib(proc.pid):.0f} | 0 | 0 | 0 | - |")
+        for v in range(1, args.visitors + 1):
+            client = Client(url, verbose=False, download_files=False)
+            client.predict(f"soak name {v}", [], "cpu", 4, api_name="/build")
+            client.predict(handle_file(str(scene)), api_name="/segment")
+            client.close()
+            if v % args.every == 0 or v == args.visitors:
+                now = time.monotonic()
+                per = (now - last) / args.every
+                last = now
+                print(
+                    f"| {v} | {v} | {_rss_mib(proc.pid):.0f} | {_du_mib(cache):.1f} | "
+                    f"{_du_mib(tiles):.1f} | {_du_mib(gtemp):.1f} | {per:.2f} |",
+                    flush=True,
+                )
+        print(f"# total {time.monotonic() - start:.0f} s")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

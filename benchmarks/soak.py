@@ -114,7 +114,8 @@ def main() -> None:
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise RuntimeError(f"the app did not start; see {work / 'app.log'}") from None
                 time.sleep(1)
-        print("| visitors | names built | RSS MiB | cache MiB | tiles MiB | Gradio temp MiB | s/visitor |")
+        cols = ("visitors", "names built", "RSS MiB", "cache MiB", "tiles MiB", "Gradio temp MiB")
+        print("| " + " | ".join(cols) + " | s/visitor |")
         print("|" + "---|" * 7)
         start = time.monotonic()
         last = start

@@ -14,9 +14,9 @@ variable                   meaning (default)
                            storage mounted at ``/data``, else ``~/.cache/ovdiff``)
 ``OVDIFF_PREBUILD``        names built at start-up so that the Space opens ready (none)
 ``OVDIFF_SESSION_TTL``     seconds a visitor's categories and segmentation are kept after
-                           their last action (3600)
+                           their last action (1800)
 ``OVDIFF_MAX_SESSIONS``    visitor sessions kept in memory; the least recently used beyond
-                           this are dropped (200)
+                           this are dropped (64)
 ``OVDIFF_TEMP_MAX_AGE``    seconds after which Gradio's temporary files are deleted (3600)
 ``OVDIFF_GPU_MAX_SECONDS`` longest GPU call to ask ZeroGPU for (120)
 =========================  =================================================================
@@ -168,8 +168,8 @@ class HostingConfig:
     max_support: int = 64
     cache_dir: str | None = None
     prebuild: tuple[str, ...] = ()
-    session_ttl: int = 3600
-    max_sessions: int = 200
+    session_ttl: int = 1800
+    max_sessions: int = 64
     temp_max_age: int = 3600
     gpu_max_seconds: int = GPU_MAX_SECONDS
     zero_gpu: bool = False
@@ -220,8 +220,8 @@ class HostingConfig:
             max_support=max_support,
             cache_dir=cache_dir,
             prebuild=prebuild,
-            session_ttl=_int(env, "OVDIFF_SESSION_TTL", 3600, 60, 7 * 86400),
-            max_sessions=_int(env, "OVDIFF_MAX_SESSIONS", 200, 1, 100_000),
+            session_ttl=_int(env, "OVDIFF_SESSION_TTL", 1800, 60, 7 * 86400),
+            max_sessions=_int(env, "OVDIFF_MAX_SESSIONS", 64, 1, 100_000),
             temp_max_age=_int(env, "OVDIFF_TEMP_MAX_AGE", 3600, 60, 7 * 86400),
             gpu_max_seconds=_int(env, "OVDIFF_GPU_MAX_SECONDS", GPU_MAX_SECONDS, 15, 3600),
             zero_gpu=zero,

@@ -338,7 +338,7 @@ class ModelRef:
 
 def manifest(ref: ModelRef) -> tuple[str, ...]:
     """The files the loaders read for ``ref``: allow patterns (relative to the repo root,
-    ``*`` globs) for ``snapshot_download`` and ``hf download --include``.
+    ``*`` globs) for ``snapshot_download`` and ``hf download <id> <files...>``.
 
     Real repos hold several copies of the same weights (``.bin``, ``.ckpt``, fp16 and
     fp32, framework ports); this names one: the fp16 variant when ``ref.fp16`` (SD on a
@@ -517,7 +517,7 @@ class MissingModel:
 
         def command(repo: str, files: Sequence[str], extra: str = "") -> str:
             quoted = " ".join(f"'{f}'" if "*" in f else f for f in files)
-            return f"hf download {repo}{rev}{extra} --include {quoted}"
+            return f"hf download {repo}{rev}{extra} {quoted}"
 
         if self.local:
             files = [p.file for p in self.problems] or list(manifest(ref))

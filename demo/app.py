@@ -274,6 +274,17 @@ def _explain_settings(support: SupportSet | None) -> str:
 # --------------------------------------------------------------------------- handlers
 
 
+def _page_progress(progress: Callable[..., Any]) -> Callable[[str, float | None, str], None]:
+    """Adapt a ``gr.Progress``-like callable to the model loaders' progress hook
+    ``(stage, fraction, message)``: shows ``message`` with ``fraction`` in the page
+    (``fraction`` None: a message without a bar position)."""
+
+    def hook(stage: str, fraction: float | None, message: str) -> None:
+        progress(fraction, desc=message)
+
+    return hook
+
+
 class DemoApp:
     """The demo's handlers, one method per UI action (thin wrappers over ``ovdiff_core``).
 
@@ -304,11 +315,23 @@ class DemoApp:
 
     # ---------------------------------------------------------------- models
 
-    def model(self, preset: str | None, support_size: int | None) -> OVDiff:
+    def model(
+        self,
+        preset: str | None,
+        support_size: int | None,
+        progress: Callable[..., Any] | None = None,
+    ) -> OVDiff:
+        """The shared model of (preset, support-set size), loading it on first use.
+
+        ``progress``: optional ``gr.Progress``-like callable, called as
+        ``progress(fraction, desc=message)`` while models are checked, downloaded
+        (bytes) and loaded, e.g. ``progress(0.25, desc="Loading CLIP ViT-B/16 (2/4)...")``.
+        """
         if preset not in PRESETS:
             raise gr.Error(f"Choose a preset ({', '.join(PRESETS)}).")
+        hook = _page_progress(progress) if progress is not None else None
         try:
-            return self.pool.get(preset, support_size)
+            return self.pool.get(preset, support_size, progress=hook)
         except (ValueError, RuntimeError, OSError) as err:
             raise gr.Error(f"The models could not be loaded: {err}") from None
 

@@ -16,6 +16,7 @@ visitors (banks are shared through the on-disk cache too).
 
 from __future__ import annotations
 
+import inspect
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -39,6 +40,7 @@ __all__ = [
     "ModelFactory",
     "ModelPool",
     "OwnPhotos",
+    "ProgressFn",
     "backend_info",
     "color_model",
     "make_model_factory",
@@ -48,8 +50,13 @@ BACKENDS = ("real", "tiny", "color")
 PRESETS = ("cpu", "paper")
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
-# (preset, support-set size or None for the preset's default) -> model
+# (preset, support-set size or None for the preset's default) -> model. A factory may
+# also accept a keyword ``progress`` (a ProgressFn) to report loading and downloads.
 ModelFactory = Callable[[str, "int | None"], OVDiff]
+
+# Progress hook (stage, fraction or None, message): see
+# ovdiff_core.backends.loading.ProgressFn.
+ProgressFn = Callable[[str, "float | None", str], None]
 
 
 @dataclass(frozen=True)
@@ -145,11 +152,15 @@ def color_model(preset: str, support_size: int | None, cache_dir: str | None) ->
 
 
 def _preset_model(
-    backend: str, preset: str, support_size: int | None, cache_dir: str | None
+    backend: str,
+    preset: str,
+    support_size: int | None,
+    cache_dir: str | None,
+    progress: ProgressFn | None = None,
 ) -> OVDiff:
     from ovdiff_core.backends.presets import build_ovdiff
 
-    model = build_ovdiff(preset=preset, backend=backend, cache_dir=cache_dir)
+    model = build_ovdiff(preset=preset, backend=backend, cache_dir=cache_dir, progress=progress)
     if support_size is not None:
         _set_support_size(model, support_size)
     return model
@@ -178,10 +189,12 @@ def make_model_factory(backend: str, cache_dir: str | None = None) -> ModelFacto
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     cache_dir = cache_dir or os.environ.get("OVDIFF_CACHE") or None
 
-    def factory(preset: str, support_size: int | None) -> OVDiff:
+    def factory(
+        preset: str, support_size: int | None, progress: ProgressFn | None = None
+    ) -> OVDiff:
         if backend == "color":
             return color_model(preset, support_size, cache_dir)
-        return _preset_model(backend, preset, support_size, cache_dir)
+        return _preset_model(backend, preset, support_size, cache_dir, progress)
 
     return factory
 
@@ -198,16 +211,38 @@ class ModelPool:
         self._models: dict[tuple[str, int | None], OVDiff] = {}
         self._lock = threading.Lock()
 
-    def get(self, preset: str, support_size: int | None = None) -> OVDiff:
+    def get(
+        self, preset: str, support_size: int | None = None, progress: ProgressFn | None = None
+    ) -> OVDiff:
+        """The model of (preset, support-set size), created on first use.
+
+        Args:
+            progress: optional hook ``(stage, fraction, message)`` told what the
+                factory is doing while it loads or downloads models (see
+                :data:`ProgressFn`); ignored when the model exists already or the
+                factory takes no ``progress`` keyword.
+        """
         key = (preset, support_size)
         with self._lock:
             if key not in self._models:
-                self._models[key] = self._factory(preset, support_size)
+                if progress is not None and _accepts_progress(self._factory):
+                    factory: Any = self._factory
+                    self._models[key] = factory(preset, support_size, progress=progress)
+                else:
+                    self._models[key] = self._factory(preset, support_size)
             return self._models[key]
 
     def loaded(self) -> list[tuple[str, int | None]]:
         with self._lock:
             return list(self._models)
+
+
+def _accepts_progress(factory: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "progress" or p.kind is p.VAR_KEYWORD for p in params)
 
 
 # Own photos: (H, W, 3) uint8 RGB photos and, per photo, an (H, W) bool painted

@@ -19,7 +19,6 @@ not depend on which other images are in the batch.
 from __future__ import annotations
 
 import inspect
-import os
 import re
 import threading
 from collections.abc import Sequence
@@ -30,12 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ovdiff_core.backends.loading import (
-    MODELS,
+    ModelRef,
     best_device,
     best_dtype,
     default_model_id,
+    ensure_model,
     load_sd_pipeline,
-    resolve_model,
     shared,
 )
 
@@ -267,18 +266,17 @@ class DinoExtractor:
         mid = model_id or default_model_id(kind)
         dev = torch.device(device) if device is not None else best_device()
         dt = dtype or best_dtype(dev)
-        path = resolve_model(mid, revision, env=MODELS[kind].env)
+        path = ensure_model(ModelRef(kind, mid, revision))
 
         def build() -> nn.Module:
             from transformers import AutoConfig, Dinov2Model, ViTModel
 
-            rev: dict[str, Any] = {"revision": revision} if revision and path == mid else {}
-            config = AutoConfig.from_pretrained(path, **rev)
+            config = AutoConfig.from_pretrained(path)
             model: Any
             if config.model_type == "dinov2":
-                model = Dinov2Model.from_pretrained(path, dtype=dt, **rev)
+                model = Dinov2Model.from_pretrained(path, dtype=dt)
             elif config.model_type == "vit":
-                model = ViTModel.from_pretrained(path, add_pooling_layer=False, dtype=dt, **rev)
+                model = ViTModel.from_pretrained(path, add_pooling_layer=False, dtype=dt)
             else:
                 raise ValueError(
                     f"DinoExtractor.from_pretrained: {mid!r} is a {config.model_type!r} model; "
@@ -453,14 +451,11 @@ class ClipExtractor:
 
 
 def open_clip_name(model_id: str | None = None, revision: str | None = None) -> str:
-    """The open_clip model name for a model id: ``local-dir:<path>`` when the weights are
-    in a local directory or the hub cache, ``hf-hub:<id>[@revision]`` when they will be
-    downloaded (online only; see :func:`~ovdiff_core.backends.loading.resolve_model`)."""
+    """The open_clip model name for a model id: ``local-dir:<path>`` of the verified local
+    directory or hub-cache snapshot (downloaded first when online and missing or
+    incomplete; see :func:`~ovdiff_core.backends.loading.ensure_model`)."""
     mid = model_id or default_model_id("clip")
-    path = resolve_model(mid, revision, env=MODELS["clip"].env)
-    if path != mid or os.path.isdir(path):
-        return f"local-dir:{path}"
-    return f"hf-hub:{mid}@{revision}" if revision else f"hf-hub:{mid}"
+    return f"local-dir:{ensure_model(ModelRef('clip', mid, revision))}"
 
 
 def load_open_clip(
@@ -470,7 +465,13 @@ def load_open_clip(
     dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """The shared open_clip model for ``model_id`` (hub repo or local directory with
-    ``open_clip_config.json`` and weights), in eval mode, on ``device`` in ``dtype``."""
+    ``open_clip_config.json`` and weights), in eval mode, on ``device`` in ``dtype``.
+
+    Raises:
+        ModelNotAvailableError: the config or weights are missing or incomplete.
+        ValueError: the weights do not fit the config (missing or unexpected keys):
+            never a model with random weights.
+    """
     mid = model_id or default_model_id("clip")
     dev = torch.device(device) if device is not None else best_device()
     dt = dtype or best_dtype(dev)
@@ -479,7 +480,14 @@ def load_open_clip(
     def build() -> nn.Module:
         import open_clip
 
-        model = open_clip.create_model(name, device=dev)
+        try:
+            # require_pretrained: no weights file means an error, not random weights.
+            model = open_clip.create_model(name, device=dev, require_pretrained=True)
+        except RuntimeError as err:  # load_state_dict(strict=True): key mismatch
+            raise ValueError(
+                f"the CLIP weights in {name.removeprefix('local-dir:')} do not match its "
+                f"open_clip_config.json ({err}); download the model again"
+            ) from err
         return model.to(dtype=dt).eval()
 
     return shared(("open_clip", mid, revision, str(dev), str(dt)), build)

@@ -287,8 +287,7 @@ class SDSupportGenerator:
             best_device,
             best_dtype,
             load_sd_pipeline,
-            resolve_model,
-            shared,
+            load_taesd,
         )
 
         dev = torch.device(device) if device is not None else best_device()
@@ -299,14 +298,7 @@ class SDSupportGenerator:
         )
         decoder = None
         if config.decoder_id is not None:
-            path = resolve_model(config.decoder_id)
-
-            def build_decoder() -> Any:
-                from diffusers import AutoencoderTiny
-
-                return AutoencoderTiny.from_pretrained(path, torch_dtype=dt).to(dev).eval()
-
-            decoder = shared(("taesd", config.decoder_id, str(dev), str(dt)), build_decoder)
+            decoder = load_taesd(config.decoder_id, dev, dt)
         name = config.model_id + (f"@{config.revision}" if config.revision else "")
         return cls(pipe, config, proposer, model_name=name, decoder=decoder)
 

@@ -176,8 +176,7 @@ class InContextSupport:
             best_device,
             best_dtype,
             load_sd_pipeline,
-            resolve_model,
-            shared,
+            load_taesd,
         )
 
         dev = torch.device(device) if device is not None else best_device()
@@ -188,14 +187,7 @@ class InContextSupport:
         pipe = load_sd_pipeline(config.model_id, config.revision, dev, dt, safety_checker=True)
         encoder = None
         if config.encoder_id is not None:
-            path = resolve_model(config.encoder_id)
-
-            def build() -> Any:
-                from diffusers import AutoencoderTiny
-
-                return AutoencoderTiny.from_pretrained(path, torch_dtype=dt).to(dev).eval()
-
-            encoder = shared(("taesd", config.encoder_id, str(dev), str(dt)), build)
+            encoder = load_taesd(config.encoder_id, dev, dt)
         name = config.model_id + (f"@{config.revision}" if config.revision else "")
         return cls(pipe, config, proposer, model_name=name, encoder=encoder)
 

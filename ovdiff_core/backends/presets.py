@@ -31,14 +31,29 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ovdiff_core.backends.generator import GENERATION_CPU, GENERATION_PAPER, GenerationConfig
-from ovdiff_core.backends.loading import MODELS
+from ovdiff_core.backends.loading import (
+    MODELS,
+    MissingModel,
+    MissingModelsError,
+    ModelRef,
+    ProgressFn,
+    check_model,
+    default_model_id,
+)
 from ovdiff_core.config import FAST_SEGMENT, PAPER_SEGMENT, PrototypeConfig, SegmentConfig
 
 if TYPE_CHECKING:
     from ovdiff_core.pipeline import OVDiff
     from ovdiff_core.protocols import FeatureExtractor
 
-__all__ = ["PRESETS", "ExtractorConfig", "Preset", "build_ovdiff"]
+__all__ = [
+    "PRESETS",
+    "ExtractorConfig",
+    "Preset",
+    "build_ovdiff",
+    "check_preset_models",
+    "preset_models",
+]
 
 EXTRACTOR_KINDS = ("sd", "dino", "dinov2", "clip")
 
@@ -148,6 +163,7 @@ def build_ovdiff(
     device: torch.device | str | None = None,
     use_cache: bool = True,
     seed: int = 0,
+    progress: ProgressFn | None = None,
 ) -> OVDiff:
     """Build an :class:`~ovdiff_core.pipeline.OVDiff` from a preset.
 
@@ -162,19 +178,32 @@ def build_ovdiff(
             best_device`. The tiny backend runs on the CPU unless a device is given.
         use_cache: False keeps everything in memory (no cache folder).
         seed: weights seed of the tiny models (ignored by "real").
+        progress: optional hook ``(stage, fraction, message)`` (see
+            :data:`~ovdiff_core.backends.loading.ProgressFn`): "real" reports the file
+            check, each download (bytes) and each model it loads, in order, then
+            ``("ready", 1.0, ...)``; "tiny" reports only "ready".
+
+    "real" first checks every model of the preset (:func:`check_preset_models`, no
+    weights loaded): when some are missing or incomplete and the hub cannot be used,
+    one error lists them all, each with the command that fixes it; online, only their
+    missing or broken files are downloaded.
 
     Raises:
         ValueError: unknown preset or backend.
-        ModelNotAvailableError: "real" weights neither cached nor downloadable.
+        ModelNotAvailableError: "real" weights neither on disk nor downloadable
+            (:class:`~ovdiff_core.backends.loading.MissingModelsError`, every model
+            at once).
     """
     from ovdiff_core.cache import Cache
     from ovdiff_core.pipeline import OVDiff
 
     p = _preset(preset)
     if backend == "real":
-        generator, extractors, scorer = _real_components(p, device)
+        generator, extractors, scorer = _real_components(p, device, progress)
     elif backend == "tiny":
         generator, extractors, scorer = _tiny_components(p, device, seed)
+        if progress is not None:
+            progress("ready", 1.0, "Tiny test models ready")
     else:
         raise ValueError(f"backend must be 'real' or 'tiny', got {backend!r}")
     return OVDiff(
@@ -200,8 +229,118 @@ def _extractor_kwargs(cfg: ExtractorConfig) -> dict[str, Any]:
     return kwargs
 
 
+def preset_models(
+    preset: str | Preset, device: torch.device | str | None = None, fp16: bool | None = None
+) -> list[ModelRef]:
+    """Every model the "real" backend loads for ``preset``, once each, in load order.
+
+    Model ids come from the preset, with the ``OVDIFF_*_MODEL`` environment variables
+    applied as :func:`build_ovdiff` applies them.
+
+    Args:
+        preset: a name in :data:`PRESETS` or a :class:`Preset`.
+        device: decides ``fp16`` when that is None (float16 on CUDA, see
+            :func:`~ovdiff_core.backends.loading.best_dtype`); None = the best device.
+        fp16: use the SD fp16 weights variant; None = from ``device``.
+    """
+    from ovdiff_core.backends.loading import best_device, best_dtype
+
+    p = _preset(preset)
+    g = env_generation(p.generation)
+    if fp16 is None:
+        dev = torch.device(device) if device is not None else best_device()
+        fp16 = best_dtype(dev) == torch.float16
+    refs: dict[tuple[str, str, str | None], ModelRef] = {}
+
+    def add(ref: ModelRef) -> None:
+        key = (ref.kind, ref.model_id, ref.revision)
+        old = refs.get(key)
+        if old is not None and ref.safety_checker and not old.safety_checker:
+            refs[key] = replace(old, safety_checker=True)
+        elif old is None:
+            refs[key] = ref
+
+    # SDFeatureExtractor loads the pipeline with its safety checker (shared instance).
+    sd_extractor = any(e.kind == "sd" and e.model_id is None for e in p.extractors)
+    add(ModelRef("sd", g.model_id, g.revision, fp16, g.safety_checker or sd_extractor))
+    if g.decoder_id is not None:
+        add(ModelRef("taesd", g.decoder_id))
+    kinds: list[ExtractorConfig] = list(p.extractors)
+    proposer = p.proposer if p.generation.masks.proposer == "features" else None
+    if proposer is not None and proposer not in {e.kind for e in p.extractors}:
+        kinds.append(ExtractorConfig(proposer))
+    if p.scorer is not None:
+        kinds.append(p.scorer)
+    for cfg in kinds:
+        if cfg.kind == "sd":
+            if cfg.model_id is not None:
+                add(ModelRef("sd", cfg.model_id, cfg.revision, fp16, True))
+            continue
+        add(ModelRef(cfg.kind, cfg.model_id or default_model_id(cfg.kind), cfg.revision))
+    return list(refs.values())
+
+
+def check_preset_models(
+    preset: str | Preset,
+    device: torch.device | str | None = None,
+    cache_dir: str | None = None,
+) -> list[MissingModel]:
+    """The models of ``preset`` (:func:`preset_models`) that are not complete on disk:
+    not downloaded, or with missing or broken files. No network, no weights loaded.
+
+    Args:
+        preset: a name in :data:`PRESETS` or a :class:`Preset`.
+        device: decides whether the SD fp16 files are the ones needed.
+        cache_dir: hub cache; None = the default (``HF_HUB_CACHE``).
+
+    Returns:
+        One :class:`~ovdiff_core.backends.loading.MissingModel` per incomplete model
+        (``.describe()`` says what is wrong and the command that fixes it); empty when
+        every model is ready.
+    """
+    return [m for r in preset_models(preset, device) if (m := check_model(r, cache_dir))]
+
+
+def _prepare_models(refs: list[ModelRef], progress: ProgressFn | None) -> None:
+    """Preflight: check every model, then either fail once listing all the missing ones
+    (hub unusable) or download just their missing or broken files."""
+    from ovdiff_core.backends.loading import _why_offline, ensure_model
+
+    if progress is not None:
+        progress("check", 0.0, f"Checking the files of {len(refs)} models...")
+    missing = [m for r in refs if (m := check_model(r))]
+    if not missing:
+        return
+    local = [m for m in missing if m.local]
+    why = _why_offline() if len(local) < len(missing) else None
+    if local or why is not None:
+        raise MissingModelsError(missing, why or "a local directory is never changed by the loader")
+    for i, m in enumerate(missing):
+        prefix = f"Downloading {m.model.label} ({i + 1}/{len(missing)})"
+        if progress is not None:
+            progress("download", None, f"{prefix}...")
+        ensure_model(m.model, progress=progress, prefix=prefix)
+
+
+def _load_model(ref: ModelRef, dev: torch.device, dt: torch.dtype) -> None:
+    """Load ``ref`` into the process-wide shared instances (the builders reuse them)."""
+    from ovdiff_core.backends.extractors import DinoExtractor, load_open_clip
+    from ovdiff_core.backends.loading import load_sd_pipeline, load_taesd
+
+    if ref.kind == "sd":
+        load_sd_pipeline(ref.model_id, ref.revision, dev, dt, safety_checker=False)
+        if ref.safety_checker:
+            load_sd_pipeline(ref.model_id, ref.revision, dev, dt, safety_checker=True)
+    elif ref.kind == "taesd":
+        load_taesd(ref.model_id, dev, dt, ref.revision)
+    elif ref.kind in ("dino", "dinov2"):
+        DinoExtractor.from_pretrained(ref.model_id, ref.revision, dev, dt, kind=ref.kind)
+    else:
+        load_open_clip(ref.model_id, ref.revision, dev, dt)
+
+
 def _real_components(
-    p: Preset, device: torch.device | str | None
+    p: Preset, device: torch.device | str | None, progress: ProgressFn | None = None
 ) -> tuple[Any, list[FeatureExtractor], Any]:
     from ovdiff_core.backends.extractors import ClipExtractor, DinoExtractor, SDFeatureExtractor
     from ovdiff_core.backends.generator import SDSupportGenerator
@@ -210,6 +349,12 @@ def _real_components(
 
     dev = torch.device(device) if device is not None else best_device()
     dt = best_dtype(dev)
+    refs = preset_models(p, dev)
+    _prepare_models(refs, progress)
+    for i, ref in enumerate(refs):
+        if progress is not None:
+            progress("load", i / len(refs), f"Loading {ref.label} ({i + 1}/{len(refs)})...")
+        _load_model(ref, dev, dt)
 
     def make(cfg: ExtractorConfig) -> FeatureExtractor:
         kwargs = _extractor_kwargs(cfg)
@@ -236,6 +381,8 @@ def _real_components(
     scorer = None
     if p.scorer is not None:
         scorer = ClipScorer.from_pretrained(p.scorer.model_id, p.scorer.revision, dev, dt)
+    if progress is not None:
+        progress("ready", 1.0, f"{len(refs)} models ready")
     return generator, _ordered(p, built), scorer
 
 

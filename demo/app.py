@@ -310,7 +310,8 @@ class DemoApp:
         self.generation = threading.Lock()
         self._build_class_gpu = gpu(self.class_seconds)(self.build_class)
         self.tiles = _TileStore()
-        self._own: dict[int, OwnPhotoSupport] = {}  # by id() of the pool's models (kept alive)
+        # by id() of the pool's models: (the model, kept alive while held, its maker)
+        self._own: dict[int, tuple[OVDiff, OwnPhotoSupport]] = {}
         self._own_lock = threading.Lock()
 
     # ---------------------------------------------------------------- models
@@ -327,8 +328,8 @@ class DemoApp:
         ``progress(fraction, desc=message)`` while models are checked, downloaded
         (bytes) and loaded, e.g. ``progress(0.25, desc="Loading CLIP ViT-B/16 (2/4)...")``.
         """
-        if preset not in PRESETS:
-            raise gr.Error(f"Choose a preset ({', '.join(PRESETS)}).")
+        if preset not in self.hosting.presets:
+            raise gr.Error(f"Choose a preset ({', '.join(self.hosting.presets)}).")
         hook = _page_progress(progress) if progress is not None else None
         try:
             return self.pool.get(preset, support_size, progress=hook)
@@ -336,12 +337,14 @@ class DemoApp:
             raise gr.Error(f"The models could not be loaded: {err}") from None
 
     def own_photos(self, model: OVDiff) -> OwnPhotoSupport:
-        """The own-photo support maker of ``model`` (made once per model)."""
+        """The own-photo support maker of ``model`` (made once per model; makers of
+        models the pool has dropped are dropped too)."""
         with self._own_lock:
+            self._own = {k: v for k, v in self._own.items() if self.pool.holds(v[0])}
             key = id(model)
-            if key not in self._own:
-                self._own[key] = OwnPhotoSupport(model)
-            return self._own[key]
+            if key not in self._own or self._own[key][0] is not model:
+                self._own[key] = (model, OwnPhotoSupport(model))
+            return self._own[key][1]
 
     # ---------------------------------------------------------------- hosting
 
@@ -494,7 +497,7 @@ class DemoApp:
         session: Session,
         progress: gr.Progress,
     ) -> Iterator[tuple[list[tuple[str, str]], str, Session, dict[str, Any]]]:
-        model = self.model(preset, size)
+        model = self.model(preset, size, progress=progress)
         if session.preset is not None and session.preset != preset and session.categories:
             gone = [n for n in session.categories if n not in names]
             if gone:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,16 +201,27 @@ def make_model_factory(backend: str, cache_dir: str | None = None) -> ModelFacto
 
 
 class ModelPool:
-    """One shared model per (preset, support-set size), created on first use.
+    """Shared models, one per (preset, support-set size), created on first use.
+
+    At most ``max_models`` are kept; the least recently used beyond that is dropped
+    (visitors moving the support-size slider would otherwise create one model each).
+    Real backends share their weights between models (see :mod:`ovdiff_core.backends`),
+    so a model costs its category registry, not another copy of the networks. Creating
+    one model never blocks visitors who use another.
 
     Args:
         factory: see :data:`ModelFactory`.
+        max_models: how many models to keep.
     """
 
-    def __init__(self, factory: ModelFactory) -> None:
+    def __init__(self, factory: ModelFactory, max_models: int = 8) -> None:
+        if max_models < 1:
+            raise ValueError(f"ModelPool: max_models must be >= 1, got {max_models}")
         self._factory = factory
-        self._models: dict[tuple[str, int | None], OVDiff] = {}
+        self.max_models = max_models
+        self._models: OrderedDict[tuple[str, int | None], OVDiff] = OrderedDict()
         self._lock = threading.Lock()
+        self._creating: dict[tuple[str, int | None], threading.Lock] = {}
 
     def get(
         self, preset: str, support_size: int | None = None, progress: ProgressFn | None = None
@@ -224,17 +236,36 @@ class ModelPool:
         """
         key = (preset, support_size)
         with self._lock:
-            if key not in self._models:
-                if progress is not None and _accepts_progress(self._factory):
-                    factory: Any = self._factory
-                    self._models[key] = factory(preset, support_size, progress=progress)
-                else:
-                    self._models[key] = self._factory(preset, support_size)
-            return self._models[key]
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            creating = self._creating.setdefault(key, threading.Lock())
+        with creating:  # one creation per key; other keys are not held up
+            with self._lock:
+                if key in self._models:
+                    self._models.move_to_end(key)
+                    return self._models[key]
+            if progress is not None and _accepts_progress(self._factory):
+                factory: Any = self._factory
+                model = factory(preset, support_size, progress=progress)
+            else:
+                model = self._factory(preset, support_size)
+            with self._lock:
+                self._models[key] = model
+                self._creating.pop(key, None)
+                while len(self._models) > self.max_models:
+                    self._models.popitem(last=False)
+            return model
 
     def loaded(self) -> list[tuple[str, int | None]]:
+        """Settings of the models held now, least recently used first."""
         with self._lock:
             return list(self._models)
+
+    def holds(self, model: OVDiff) -> bool:
+        """Whether ``model`` is one of the models held now."""
+        with self._lock:
+            return any(m is model for m in self._models.values())
 
 
 def _accepts_progress(factory: Callable[..., Any]) -> bool:

@@ -173,7 +173,8 @@ class OVDiff:
         # built categories in build order, at most max_categories (LRU order in _recency)
         self.categories: dict[str, Category] = {}
         self._recency: OrderedDict[str, None] = OrderedDict()  # least recently used first
-        self._stuff_flags: OrderedDict[str, bool] = OrderedDict()  # of evicted names
+        # evicted generated categories that segment() may reload: name -> stuff flag
+        self._evicted: OrderedDict[str, bool] = OrderedDict()
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ keys
@@ -215,7 +216,7 @@ class OVDiff:
             self.categories[cat.name] = cat  # a rebuilt name keeps its place in build order
             self._recency.pop(cat.name, None)
             self._recency[cat.name] = None
-            self._stuff_flags.pop(cat.name, None)
+            self._evicted.pop(cat.name, None)
             for stale in [n for n in self._recency if n not in self.categories]:
                 del self._recency[stale]  # removed by hand from ``categories``
             limit = self.max_categories
@@ -224,9 +225,10 @@ class OVDiff:
                 old = self.categories.pop(oldest, None)
                 if old is None:
                     continue
-                self._stuff_flags[old.name] = old.stuff  # tiny: a reload keeps the flag
-                while len(self._stuff_flags) > 16 * (self.max_categories or 1):
-                    self._stuff_flags.popitem(last=False)
+                if self._is_generated(old):  # reloadable from the cache; keep its flag
+                    self._evicted[old.name] = old.stuff
+                    while len(self._evicted) > 16 * limit:
+                        self._evicted.popitem(last=False)
 
     def _registered(self, name: str) -> Category | None:
         """The registry's category ``name`` (marked as used), or None."""
@@ -237,9 +239,17 @@ class OVDiff:
                 self._recency[name] = None
             return cat
 
+    def _is_generated(self, cat: Category) -> bool:
+        """Whether ``cat`` is the generator's category of its name (not own photos)."""
+        if self.generator is None or cat.support is None:
+            return False
+        return bool(cat.support.settings == self.generator.spec(cat.name))
+
     def _reload(self, name: str) -> Category | None:
-        """Category ``name`` from the cache without computing anything; None if absent."""
-        if self.cache is None or self.generator is None:
+        """Evicted category ``name`` from the cache, computing nothing; None if absent."""
+        with self._lock:
+            stuff = self._evicted.get(name)
+        if self.cache is None or self.generator is None or stuff is None:
             return None
         skey = self.support_key(name)
         support = self.cache.load_support(skey, name)
@@ -251,9 +261,6 @@ class OVDiff:
             if bank is None:
                 return None
             banks[ex.name] = bank
-        with self._lock:
-            flag = self._stuff_flags.get(name)
-        stuff = is_stuff(name, self.stuff_overrides) if flag is None else flag
         cat = Category(name=name, banks=banks, support=support, stuff=stuff)
         self._remember(cat)
         return cat

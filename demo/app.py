@@ -218,6 +218,7 @@ class _TileStore:
         keep_latest: int = MAX_GALLERY,
     ) -> None:
         self.root = root if root is not None else Path(tempfile.mkdtemp(prefix="ovdiff-demo-"))
+        self.root.mkdir(parents=True, exist_ok=True)
         self.max_bytes, self.max_files, self.keep_latest = max_bytes, max_files, keep_latest
         self._used: OrderedDict[Path, int] = OrderedDict()  # tile -> bytes, least recent first
         self._bytes = 0

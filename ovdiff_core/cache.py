@@ -161,11 +161,14 @@ class CacheWriteError(OSError):
         else:
             what = f"{err}"
             todo = "check the cache folder (OVDIFF_CACHE) and the disk"
-        detail = f" ({err})" if err is not None and what != f"{err}" else ""
-        super().__init__(code, f"could not write cache entry {path}: {what}{detail}; {todo}")
+        self.message = f"could not write cache entry {path}: {what}; {todo}"
+        super().__init__(code, self.message)
         self.path = path
         self.reason = what
         self.filename = str(path)
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def _error_code(err: BaseException) -> int | None:
@@ -373,7 +376,8 @@ class Cache:
         """Exclusive inter-process lock for building entry ``key`` of ``kind``.
 
         A read-only cache takes no lock (reading needs none; the atomic replace protects
-        writers), and neither does one whose folder turns out not to be writable.
+        writers), and neither does one whose lock file cannot be created (read-only folder,
+        full disk): builders may then duplicate work, but never corrupt an entry.
         """
         path = self._lock_path(kind, key)
         f = None
@@ -381,10 +385,9 @@ class Cache:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 f = open(path, "a+b")  # noqa: SIM115 - closed below
-            except OSError as err:
-                if err.errno not in _READONLY_ERRNOS:
-                    raise
-                self._unwritable = err
+            except OSError as err:  # no lock: builders may duplicate work, nothing worse
+                if err.errno in _READONLY_ERRNOS:
+                    self._unwritable = err
         if f is None:
             yield
             return

@@ -524,3 +524,28 @@ def test_registry_keeps_build_order_for_segment(tmp_path: Path) -> None:
     assert list(model.categories) == ["cat", "sofa", "lamp"]
     model.build(["grass"])
     assert list(model.categories) == ["cat", "lamp", "grass"]
+
+
+def test_no_lock_file_means_no_lock_not_a_failed_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = builtins.open
+
+    def open_without_lock_files(file: Any, mode: str = "r", *a: Any, **k: Any) -> Any:
+        if str(file).endswith(".lock"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(file))
+        return real_open(file, mode, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", open_without_lock_files)
+    model, gen, _ = make_model(tmp_path)
+    assert model.build(["cat"])[0].name == "cat" and gen.generated == 4
+    assert model.is_cached("cat") and model.cache is not None and model.cache.writable
+
+
+def test_write_error_messages_say_what_to_do(tmp_path: Path) -> None:
+    path = tmp_path / "support" / "cat.safetensors"
+    denied = CacheWriteError(path, OSError(errno.EACCES, "Permission denied"))
+    assert denied.errno == errno.EACCES and "permission denied" in str(denied)
+    assert "writable" in str(denied) and str(path) in str(denied)
+    ro = CacheWriteError(path, SafetensorError("IoError(Os { code: 30, kind: ReadOnlyFilesystem"))
+    assert ro.errno == errno.EROFS and "read-only" in str(ro) and not str(ro).startswith("[")

@@ -15,6 +15,7 @@ import json
 import logging
 import tempfile
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,8 @@ SUBTITLE = (
 SUPPORT_SIZE_MIN, SUPPORT_SIZE_MAX = 2, 64
 MAX_GALLERY = 240  # support tiles kept in the build gallery (the latest ones)
 MAX_REGION_TILES = 12  # support regions shown for one traced prototype
+TILE_MAX_BYTES = 256 * 1024**2  # support tiles on disk (least recently used deleted beyond)
+TILE_MAX_FILES = 2000
 SIMILARITY_SIDE = 384  # long side of the traced prototype's similarity preview, pixels
 KIND_NAMES = {
     PrototypeKind.CLASS: "class-level",
@@ -190,19 +193,61 @@ class _TileStore:
     """Writes rendered tiles once to a temporary folder; galleries then pass file paths.
 
     Galleries re-send every item on each streamed update; paths avoid re-encoding them.
+    The folder is bounded: beyond ``max_files`` tiles or ``max_bytes`` bytes the least
+    recently used tiles are deleted, but never the ``keep_latest`` most recently used (the
+    gallery of the build in progress shows at most :data:`MAX_GALLERY` of them).
+
+    Args:
+        root: the folder (default: a new temporary folder).
+        max_bytes: byte budget of the tiles (default 256 MiB).
+        max_files: most tiles kept (default 2,000).
+        keep_latest: tiles never evicted, the most recently used first.
     """
 
-    def __init__(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="ovdiff-demo-"))
+    def __init__(
+        self,
+        root: Path | None = None,
+        max_bytes: int = TILE_MAX_BYTES,
+        max_files: int = TILE_MAX_FILES,
+        keep_latest: int = MAX_GALLERY,
+    ) -> None:
+        self.root = root if root is not None else Path(tempfile.mkdtemp(prefix="ovdiff-demo-"))
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_bytes, self.max_files, self.keep_latest = max_bytes, max_files, keep_latest
+        self._used: OrderedDict[Path, int] = OrderedDict()  # tile -> bytes, least recent first
+        self._bytes = 0
+        self._lock = threading.Lock()
 
     def save(self, image: np.ndarray) -> str:
+        """Path of a PNG of ``image`` ((H, W, 3) uint8), written unless already there."""
         digest = hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()[:20]
         path = self.root / f"{digest}-{image.shape[0]}x{image.shape[1]}.png"
-        if not path.exists():
-            tmp = path.with_suffix(".tmp.png")
-            Image.fromarray(image).save(tmp, optimize=False, compress_level=1)
-            tmp.replace(path)
+        with self._lock:
+            if path in self._used and path.exists():
+                self._used.move_to_end(path)
+                return str(path)
+        tmp = path.with_suffix(f".{threading.get_ident()}.tmp.png")
+        Image.fromarray(image).save(tmp, optimize=False, compress_level=1)
+        tmp.replace(path)
+        with self._lock:
+            self._bytes -= self._used.pop(path, 0)
+            self._used[path] = path.stat().st_size
+            self._bytes += self._used[path]
+            self._evict()
         return str(path)
+
+    def _evict(self) -> None:
+        while len(self._used) > self.keep_latest and (
+            len(self._used) > self.max_files or self._bytes > self.max_bytes
+        ):
+            old, size = self._used.popitem(last=False)
+            self._bytes -= size
+            old.unlink(missing_ok=True)
+
+    def size_bytes(self) -> int:
+        """Bytes of the tiles kept."""
+        with self._lock:
+            return self._bytes
 
 
 def _support_caption(support: SupportSet, i: int, offset: int, cached: bool) -> str:
@@ -510,15 +555,19 @@ class DemoApp:
         tiles: list[tuple[str, str]] = []
         lines: list[str] = []
         per_class = size or 0
+        warned = False
         for k, name in enumerate(names):
             progress(k / len(names), desc=f"{name}: starting")
             status = f"**{name}**: checking the cache..."
             yield tiles[-MAX_GALLERY:], "\n\n".join([*lines, status]), session, gr.update()
             try:
-                cached_before = model.is_cached(name)
                 offset = 0
                 result: Category | None = None
-                steps = self._class_steps(cached_before, preset, size, name, name in stuff)
+                cached = unsaved = False
+                # Files present: most likely served from the cache, so no generation turn
+                # (the UNet itself is still used by one capture at a time).
+                likely_cached = model.is_cached(name)
+                steps = self._class_steps(likely_cached, preset, size, name, name in stuff)
                 for ev in steps:
                     if isinstance(ev, str):  # waiting for another visitor's generation
                         yield (
@@ -528,6 +577,11 @@ class DemoApp:
                             gr.update(),
                         )
                         continue
+                    if ev.warning:  # built, but the cache write failed: say so once a build
+                        unsaved = True
+                        if not warned:
+                            gr.Warning(ev.warning)
+                            warned = True
                     total = ev.total or per_class or max(ev.done, 1)
                     if ev.stage == "support" and ev.batch is not None:
                         batch = ev.batch
@@ -551,6 +605,7 @@ class DemoApp:
                         status = f"**{name}**: prototypes of extractor `{ev.extractor}` ready"
                     elif ev.stage == "done":
                         result = ev.category_result
+                        cached = ev.cached  # only if support and every bank came from the cache
                         continue
                     yield (
                         tiles[-MAX_GALLERY:],
@@ -564,7 +619,8 @@ class DemoApp:
                 raise gr.Error(f"Building '{name}' ended without a category.")
             session.categories.pop(name, None)
             session.categories[name] = result
-            tag = " (cached ✓)" if cached_before else ""
+            tag = " (cached ✓)" if cached else ""
+            tag += " (not saved to the cache)" if unsaved else ""
             lines.append(_category_summary(result) + tag)
             yield tiles[-MAX_GALLERY:], "\n\n".join(lines), session, self._category_update(session)
         progress(1.0, desc="done")
@@ -667,8 +723,11 @@ class DemoApp:
             raise gr.Error("A build is already running; wait for it to finish, then try again.")
         try:
             support = _checked(self.own_photos(model), clean, session.photos)
-            cat = model.add_support(support, stuff=bool(stuff))
-        except (ValueError, RuntimeError) as err:
+            events = list(model.add_support_iter(support, stuff=bool(stuff)))
+            cat = events[-1].category_result
+            if cat is None:
+                raise RuntimeError("the build ended without a category")
+        except (ValueError, RuntimeError, OSError) as err:
             raise gr.Error(f"Could not make '{clean}' from your photos: {err}") from None
         finally:
             self.generation.release()
@@ -679,7 +738,11 @@ class DemoApp:
         session.categories.pop(clean, None)
         session.categories[clean] = cat
         session.photos = []
-        status = _category_summary(cat) + " (from your photos). Segment an image in tab 3."
+        unsaved = [ev.warning for ev in events if ev.warning]
+        if unsaved:
+            gr.Warning(unsaved[0])
+        note = " (not saved to the cache)" if unsaved else ""
+        status = _category_summary(cat) + f" (from your photos){note}. Segment an image in tab 3."
         return status, session, [], self._category_update(session)
 
     # ---------------------------------------------------------------- tab 3: segment

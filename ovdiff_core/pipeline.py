@@ -5,14 +5,16 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from ovdiff_core.cache import Cache, tensor_checksum
+from ovdiff_core.cache import Cache, CacheWriteError, tensor_checksum
 from ovdiff_core.config import ALGORITHM_VERSION, PrototypeConfig, SegmentConfig
 from ovdiff_core.protocols import FeatureExtractor, ImageTextScorer, SupportGenerator
 from ovdiff_core.prototypes import build_bank
@@ -20,9 +22,21 @@ from ovdiff_core.segment import Segmentation, segment
 from ovdiff_core.stuff import is_stuff
 from ovdiff_core.types import Category, PrototypeBank, SupportSet
 
-__all__ = ["BuildProgress", "OVDiff", "clean_category_name", "extract_features"]
+__all__ = [
+    "DEFAULT_MAX_CATEGORIES",
+    "BuildProgress",
+    "CacheWriteWarning",
+    "OVDiff",
+    "clean_category_name",
+    "extract_features",
+]
 
 MAX_NAME_LENGTH = 100
+DEFAULT_MAX_CATEGORIES = 64  # categories kept in OVDiff.categories (least recently used go)
+
+
+class CacheWriteWarning(UserWarning):
+    """A category was built and is usable, but could not be saved to the cache."""
 
 
 def clean_category_name(name: str) -> str:
@@ -90,9 +104,13 @@ class BuildProgress:
         batch: the support images that just arrived (stage "support"), else None.
         done: support images available so far.
         total: support images expected (None if unknown).
-        cached: True when this step was read from the cache rather than computed.
+        cached: True when this step was read from the cache (or reused from memory) rather
+            than computed. On the "done" event: True only if every step was.
         extractor: the extractor whose bank is ready (stage "bank").
         category_result: the finished :class:`Category` (stage "done").
+        warning: set when what this step built could not be saved to the cache (disk full,
+            read-only cache...): the message says what happened and what to do. The build
+            goes on and its category is usable; it is rebuilt next time.
     """
 
     category: str
@@ -103,6 +121,7 @@ class BuildProgress:
     cached: bool = False
     extractor: str | None = None
     category_result: Category | None = None
+    warning: str | None = None
 
 
 class OVDiff:
@@ -119,6 +138,13 @@ class OVDiff:
         segmentation: stage-3 settings.
         cache: on-disk cache; None keeps everything in memory only.
         stuff_overrides: ``{name: is_stuff}`` overriding the built-in thing/stuff table.
+        max_categories: how many built categories :attr:`categories` keeps (default 64);
+            the least recently built or used go first. Categories you hold stay valid;
+            an evicted name is reloaded from the cache by :meth:`segment` when possible.
+            None = unbounded.
+
+    Raises:
+        ValueError: no extractors, or ``max_categories`` < 1.
     """
 
     def __init__(
@@ -130,9 +156,12 @@ class OVDiff:
         segmentation: SegmentConfig | None = None,
         cache: Cache | None = None,
         stuff_overrides: Mapping[str, bool] | None = None,
+        max_categories: int | None = DEFAULT_MAX_CATEGORIES,
     ) -> None:
         if not extractors:
             raise ValueError("OVDiff: pass at least one feature extractor")
+        if max_categories is not None and max_categories < 1:
+            raise ValueError(f"OVDiff: max_categories must be >= 1 or None, got {max_categories}")
         self.generator = generator
         self.extractors = list(extractors)
         self.scorer = scorer
@@ -140,7 +169,12 @@ class OVDiff:
         self.segmentation = segmentation or SegmentConfig()
         self.cache = cache
         self.stuff_overrides = dict(stuff_overrides or {})
+        self.max_categories = max_categories
+        # built categories in build order, at most max_categories (LRU order in _recency)
         self.categories: dict[str, Category] = {}
+        self._recency: OrderedDict[str, None] = OrderedDict()  # least recently used first
+        # evicted generated categories that segment() may reload: name -> stuff flag
+        self._evicted: OrderedDict[str, bool] = OrderedDict()
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ keys
@@ -174,38 +208,117 @@ class OVDiff:
             self.cache.path("bank", name, self.bank_key(skey, e)).is_file() for e in self.extractors
         )
 
+    # ------------------------------------------------------------------ registry
+
+    def _remember(self, cat: Category) -> None:
+        """Put ``cat`` in the registry as most recently used; evict beyond the bound."""
+        with self._lock:
+            self.categories[cat.name] = cat  # a rebuilt name keeps its place in build order
+            self._recency.pop(cat.name, None)
+            self._recency[cat.name] = None
+            self._evicted.pop(cat.name, None)
+            for stale in [n for n in self._recency if n not in self.categories]:
+                del self._recency[stale]  # removed by hand from ``categories``
+            limit = self.max_categories
+            while limit is not None and len(self.categories) > limit and self._recency:
+                oldest, _ = self._recency.popitem(last=False)
+                old = self.categories.pop(oldest, None)
+                if old is None:
+                    continue
+                if self._is_generated(old):  # reloadable from the cache; keep its flag
+                    self._evicted[old.name] = old.stuff
+                    while len(self._evicted) > 16 * limit:
+                        self._evicted.popitem(last=False)
+
+    def _registered(self, name: str) -> Category | None:
+        """The registry's category ``name`` (marked as used), or None."""
+        with self._lock:
+            cat = self.categories.get(name)
+            if cat is not None:
+                self._recency.pop(name, None)
+                self._recency[name] = None
+            return cat
+
+    def _is_generated(self, cat: Category) -> bool:
+        """Whether ``cat`` is the generator's category of its name (not own photos)."""
+        if self.generator is None or cat.support is None:
+            return False
+        return bool(cat.support.settings == self.generator.spec(cat.name))
+
+    def _reload(self, name: str) -> Category | None:
+        """Evicted category ``name`` from the cache, computing nothing; None if absent."""
+        with self._lock:
+            stuff = self._evicted.get(name)
+        if self.cache is None or self.generator is None or stuff is None:
+            return None
+        skey = self.support_key(name)
+        support = self.cache.load_support(skey, name)
+        if support is None:
+            return None
+        banks = {}
+        for ex in self.extractors:
+            bank = self.cache.load_bank(self.bank_key(skey, ex), name)
+            if bank is None:
+                return None
+            banks[ex.name] = bank
+        cat = Category(name=name, banks=banks, support=support, stuff=stuff)
+        self._remember(cat)
+        return cat
+
+    def _save(self, what: str, save: Callable[..., object], *args: object) -> str | None:
+        """Run a cache write ``save(*args)``; a failure becomes a warning text (the build
+        goes on with what it has in memory)."""
+        try:
+            save(*args)
+        except CacheWriteError as err:
+            return f"{what} is ready but was not saved to the cache: {err}"
+        return None
+
     # ------------------------------------------------------------------ building
 
     def _banks(
         self, support: SupportSet, skey: str
-    ) -> Iterator[tuple[FeatureExtractor, PrototypeBank, bool]]:
-        with self._lock:
-            current = self.categories.get(support.category)
+    ) -> Iterator[tuple[FeatureExtractor, PrototypeBank, bool, str | None]]:
+        """(extractor, bank, cached, warning of a failed cache write) per extractor."""
+        current = self._registered(support.category)
         built = current.banks if current is not None and current.support is support else {}
         for ex in self.extractors:
             done = built.get(ex.name)
             if done is not None and done.settings.get("prototypes") == self.prototypes.to_dict():
-                yield ex, done, True
+                yield ex, done, True, None
                 continue
             bkey = self.bank_key(skey, ex)
             bank = self.cache.load_bank(bkey, support.category) if self.cache else None
             if bank is not None:
-                yield ex, bank, True
+                yield ex, bank, True, None
                 continue
             bank = build_bank(
                 support, extract_features(ex, support.images), ex.name, self.prototypes
             )
+            warning = None
             if self.cache is not None:
-                self.cache.save_bank(bkey, bank)
-            yield ex, bank, False
+                what = f"{support.category!r} (bank of `{ex.name}`)"
+                warning = self._save(what, self.cache.save_bank, bkey, bank)
+            yield ex, bank, False, warning
 
     def _finish(
-        self, support: SupportSet, skey: str, stuff: bool | None
+        self,
+        support: SupportSet,
+        skey: str,
+        stuff: bool | None,
+        support_cached: bool,
+        warning: str | None = None,
     ) -> Iterator[BuildProgress]:
+        """Bank events, then "done". ``warning`` (of the support's cache write) rides on the
+        first bank event; "done" is cached only if the support and every bank were."""
         name = support.category
         banks: dict[str, PrototypeBank] = {}
-        for ex, bank, cached in self._banks(support, skey):
+        all_cached = support_cached
+        for ex, bank, cached, bank_warning in self._banks(support, skey):
             banks[ex.name] = bank
+            all_cached = all_cached and cached
+            notes = [w for w in (warning, bank_warning) if w]
+            warning = None
             yield BuildProgress(
                 name,
                 "bank",
@@ -213,19 +326,23 @@ class OVDiff:
                 total=len(support),
                 cached=cached,
                 extractor=ex.name,
+                warning="\n".join(notes) or None,
             )
         flag = is_stuff(name, self.stuff_overrides) if stuff is None else stuff
         cat = Category(name=name, banks=banks, support=support, stuff=flag)
-        with self._lock:
-            self.categories[name] = cat
+        self._remember(cat)
         yield BuildProgress(
-            name, "done", done=len(support), total=len(support), category_result=cat
+            name,
+            "done",
+            done=len(support),
+            total=len(support),
+            cached=all_cached,
+            category_result=cat,
         )
 
     def _built_support(self, name: str, spec: dict[str, Any]) -> SupportSet | None:
         """The in-memory support set of ``name`` if it was generated with ``spec``."""
-        with self._lock:
-            cat = self.categories.get(name)
+        cat = self._registered(name)
         if cat is None or cat.support is None or cat.support.settings != spec:
             return None
         return cat.support
@@ -239,6 +356,8 @@ class OVDiff:
 
         Yields:
             :class:`BuildProgress` events; the last has stage "done" and the category.
+            A failed cache write does not stop the build: the next event carries a
+            ``warning`` and the category is still returned (and kept in memory).
         """
         name = clean_category_name(name)
         if self.generator is None:
@@ -251,6 +370,8 @@ class OVDiff:
             support = self._built_support(name, spec)
             if support is None and self.cache is not None:
                 support = self.cache.load_support(skey, name)
+            warning = None
+            support_cached = support is not None
             if support is not None:
                 yield BuildProgress(
                     name, "support", batch=support, done=len(support), total=total, cached=True
@@ -265,8 +386,10 @@ class OVDiff:
                     raise RuntimeError(f"the generator produced no support images for {name!r}")
                 support = concat_supports(parts)
                 if self.cache is not None:
-                    self.cache.save_support(skey, support)
-            yield from self._finish(support, skey, stuff)
+                    warning = self._save(
+                        f"{name!r} (support set)", self.cache.save_support, skey, support
+                    )
+            yield from self._finish(support, skey, stuff, support_cached, warning)
 
     def build(self, names: Iterable[str]) -> list[Category]:
         """Build (or load from the cache) every category in ``names``."""
@@ -276,7 +399,17 @@ class OVDiff:
         return out
 
     def add_support(self, support: SupportSet, stuff: bool | None = None) -> Category:
-        """Make a category from your own support set (in-context mode); cached by content."""
+        """Make a category from your own support set (in-context mode); cached by content.
+
+        A failed cache write is reported as a :class:`CacheWriteWarning`; the category is
+        returned all the same (see :meth:`add_support_iter` for the events).
+        """
+        return _final(self.add_support_iter(support, stuff))
+
+    def add_support_iter(
+        self, support: SupportSet, stuff: bool | None = None
+    ) -> Iterator[BuildProgress]:
+        """:meth:`add_support` step by step: one "bank" event per extractor, then "done"."""
         name = clean_category_name(support.category)
         if name != support.category:
             support = SupportSet(
@@ -291,11 +424,12 @@ class OVDiff:
                 "name": name,
             },
         )
-        return _final(self._finish(support, skey, stuff))
+        yield from self._finish(support, skey, stuff, support_cached=False)
 
     def remove(self, name: str) -> None:
         with self._lock:
             self.categories.pop(name, None)
+            self._recency.pop(name, None)
 
     # ------------------------------------------------------------------ segmentation
 
@@ -308,19 +442,27 @@ class OVDiff:
         """Segment ``image`` ((H, W, 3) uint8 RGB) into built categories.
 
         Args:
-            names: which built categories to use (default: all, in build order).
+            names: which built categories to use (default: all in :attr:`categories`,
+                in build order). A name dropped from the registry (see
+                ``max_categories``) is reloaded from the cache when it is there.
             config: override of the stage-3 settings for this call.
+
+        Raises:
+            ValueError: a name that is neither built nor in the cache.
         """
-        with self._lock:
-            if names is None:
+        if names is None:
+            with self._lock:
                 cats = list(self.categories.values())
-            else:
-                missing = [n for n in names if n not in self.categories]
-                if missing:
-                    raise ValueError(
-                        f"segment: categories {missing} are not built; build() them first"
-                    )
-                cats = [self.categories[n] for n in names]
+        else:
+            found = {n: self._registered(n) or self._reload(n) for n in dict.fromkeys(names)}
+            missing = [n for n, c in found.items() if c is None]
+            if missing:
+                raise ValueError(
+                    f"segment: categories {missing} are not built (or were dropped from "
+                    f"memory, which keeps the {self.max_categories} most recently used, and "
+                    "are not in the cache); build() them again or raise max_categories"
+                )
+            cats = [c for c in found.values() if c is not None]
         if not cats:
             raise ValueError("segment: no categories are built yet; call build([...]) first")
         return segment(image, cats, self.extractors, config or self.segmentation, self.scorer)
@@ -331,6 +473,8 @@ def _final(events: Iterable[BuildProgress]) -> Category:
     result = None
     for event in events:
         result = event.category_result or result
+        if event.warning:
+            warnings.warn(event.warning, CacheWriteWarning, stacklevel=3)
     if result is None:
         raise RuntimeError("build ended without a category")
     return result

@@ -354,7 +354,7 @@ class DemoApp:
         # capture hooks a shared UNet). Categories served from the cache never take it.
         self.generation = threading.Lock()
         self._build_class_gpu = gpu(self.class_seconds)(self.build_class)
-        self.tiles = _TileStore()
+        self.tiles = _TileStore(max_bytes=self.hosting.tiles_max_mb * 2**20)
         # by id() of the pool's models: (the model, kept alive while held, its maker)
         self._own: dict[int, tuple[OVDiff, OwnPhotoSupport]] = {}
         self._own_lock = threading.Lock()

@@ -18,6 +18,7 @@ variable                   meaning (default)
 ``OVDIFF_MAX_SESSIONS``    visitor sessions kept in memory; the least recently used beyond
                            this are dropped (64)
 ``OVDIFF_TEMP_MAX_AGE``    seconds after which Gradio's temporary files are deleted (3600)
+``OVDIFF_TILES_MAX_MB``    disk budget of the rendered support tiles, MiB (256)
 ``OVDIFF_GPU_MAX_SECONDS`` longest GPU call to ask ZeroGPU for (120)
 =========================  =================================================================
 
@@ -159,6 +160,7 @@ class HostingConfig:
         session_ttl: seconds a visitor's state lives after its last update.
         max_sessions: visitor sessions kept in memory (least recently used dropped).
         temp_max_age: seconds after which Gradio's temporary files are deleted.
+        tiles_max_mb: disk budget of the rendered support tiles, MiB.
         gpu_max_seconds: longest GPU call asked of ZeroGPU.
         zero_gpu: running on ZeroGPU.
         space: running on a Hugging Face Space (``SPACE_ID`` is set).
@@ -171,6 +173,7 @@ class HostingConfig:
     session_ttl: int = 1800
     max_sessions: int = 64
     temp_max_age: int = 3600
+    tiles_max_mb: int = 256
     gpu_max_seconds: int = GPU_MAX_SECONDS
     zero_gpu: bool = False
     space: bool = False
@@ -223,6 +226,7 @@ class HostingConfig:
             session_ttl=_int(env, "OVDIFF_SESSION_TTL", 1800, 60, 7 * 86400),
             max_sessions=_int(env, "OVDIFF_MAX_SESSIONS", 64, 1, 100_000),
             temp_max_age=_int(env, "OVDIFF_TEMP_MAX_AGE", 3600, 60, 7 * 86400),
+            tiles_max_mb=_int(env, "OVDIFF_TILES_MAX_MB", 256, 16, 1_000_000),
             gpu_max_seconds=_int(env, "OVDIFF_GPU_MAX_SECONDS", GPU_MAX_SECONDS, 15, 3600),
             zero_gpu=zero,
             space=space,

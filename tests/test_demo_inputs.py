@@ -269,8 +269,12 @@ print(json.dumps(result))
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load_in_child(path: Path, limit_bytes: int = 3 * 2**29) -> dict:
-    """load_image(path) in a subprocess allowed ``limit_bytes`` (1.5 GiB) more address space."""
+def _load_in_child(path: Path, limit_bytes: int = 2**30) -> dict:
+    """load_image(path) in a subprocess allowed ``limit_bytes`` (1 GiB) more address space.
+
+    Returns the result's shape and notes, or its error, and ``peak_mib``: the growth of
+    the peak RSS (``ru_maxrss``) during the call.
+    """
     proc = subprocess.run(
         [sys.executable, "-c", _CHILD, str(path), str(limit_bytes)],
         cwd=ROOT,
@@ -309,7 +313,8 @@ def test_large_image_under_the_budget_decodes_in_bounded_memory(tmp_path: Path, 
     result = _load_in_child(path)
     assert result.get("shape") == expected, result
     assert any("downscaled" in n for n in result["notes"])
-    assert result["peak_mib"] < 1024, result
+    # measured: about 250 MiB (rgba) and 340 MiB (16bit); before, 3.4 GiB and 1.4 GiB
+    assert result["peak_mib"] < 768, result
 
 
 def test_array_to_rgb_is_bounded() -> None:

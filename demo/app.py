@@ -31,14 +31,15 @@ from demo.inputs import (
     MAX_CATEGORIES,
     MAX_SIDE,
     array_to_rgb,
+    bounded_number,
     click_point,
     load_image,
+    load_upload,
     mask_from_editor,
     parse_category_names,
     split_names_leniently,
 )
 from demo.models import (
-    PRESETS,
     BackendInfo,
     ModelFactory,
     ModelPool,
@@ -177,16 +178,36 @@ def _upload_image(**kwargs: Any) -> gr.Image:
 
 
 def _checked(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Call ``fn``; turn its ValueError into a ``gr.Error`` pop-up with the same message."""
+    """Call ``fn``; turn its ValueError into a ``gr.Error`` pop-up with the same message
+    (escaped: pop-ups render HTML, and messages may echo names or file names)."""
     try:
         return fn(*args, **kwargs)
     except ValueError as err:
-        raise gr.Error(str(err)) from None
+        raise gr.Error(render.esc(err)) from None
 
 
 def _warn_all(notes: Sequence[str]) -> None:
     for note in notes:
-        gr.Warning(note)
+        gr.Warning(render.esc(note))
+
+
+def _check_category_limit(session: Session, names: Sequence[str], preset: str | None) -> None:
+    """Refuse names that would take the visitor's session past ``MAX_CATEGORIES``.
+
+    Counts the session's categories (all builds and own photos so far) plus the new
+    names; rebuilding a name already there does not count twice. A preset change drops
+    the session's categories (see ``DemoApp._build``), so then only the new names count.
+    """
+    kept = session.categories if session.preset in (None, preset) else {}
+    new = [n for n in dict.fromkeys(names) if n not in kept]
+    total = len(kept) + len(new)
+    if total > MAX_CATEGORIES:
+        raise gr.Error(
+            f"You have {len(kept)} categories already and this adds {len(new)} new ones: "
+            f"{total} is over the limit of {MAX_CATEGORIES} per visitor. Name fewer new "
+            "categories (rebuilding one you have is free), or reload the page to start a "
+            "new session without any."
+        )
 
 
 class _TileStore:
@@ -250,6 +271,16 @@ class _TileStore:
             return self._bytes
 
 
+def _build_size(support_size: Any) -> int | None:
+    """The support-set size a build asks for (None: the preset's), checked: a ``gr.Error``
+    for NaN, infinities, non-numbers and values outside the slider's range."""
+    if support_size is None or support_size == "" or support_size == 0:
+        return None
+    return _checked(
+        bounded_number, support_size, "Support-set size", SUPPORT_SIZE_MIN, SUPPORT_SIZE_MAX
+    )
+
+
 def _support_caption(support: SupportSet, i: int, offset: int, cached: bool) -> str:
     fg = 100.0 * float(support.foreground[i].mean())
     bg = 100.0 * float(support.background[i].mean())
@@ -258,10 +289,13 @@ def _support_caption(support: SupportSet, i: int, offset: int, cached: bool) -> 
 
 
 def _category_summary(cat: Category) -> str:
-    sizes = ", ".join(f"{name}: {len(b)}" for name, b in cat.banks.items())
+    sizes = ", ".join(f"{render.md(name)}: {len(b)}" for name, b in cat.banks.items())
     n = len(cat.support) if cat.support is not None else 0
     kind = "stuff" if cat.stuff else "thing"
-    return f"**{cat.name}** ({kind}) · {n} support images · prototypes per extractor: {sizes}"
+    return (
+        f"**{render.md(cat.name)}** ({kind}) · {n} support images · "
+        f"prototypes per extractor: {sizes}"
+    )
 
 
 def _prototype_label(seg: Segmentation, tr: PixelTrace) -> str:
@@ -271,15 +305,15 @@ def _prototype_label(seg: Segmentation, tr: PixelTrace) -> str:
     side = "foreground" if w.foreground else "background"
     where = f", support image #{w.image_index + 1}" if w.image_index >= 0 else ""
     return (
-        f"<b>{w.category}</b> · {side} · {KIND_NAMES[w.kind]} prototype #{w.index}{where} "
-        f"(extractor <code>{w.extractor}</code>)"
+        f"<b>{render.esc(w.category)}</b> · {side} · {KIND_NAMES[w.kind]} prototype "
+        f"#{w.index}{where} (extractor <code>{render.esc(w.extractor)}</code>)"
     )
 
 
 def _trace_html(seg: Segmentation, tr: PixelTrace) -> str:
     share = 100.0 * tr.winner_share / tr.score if tr.score > 0 else 0.0
     rows = "".join(
-        f"<tr><td>{name}</td><td>{value:.3f}</td></tr>"
+        f"<tr><td>{render.esc(name)}</td><td>{value:.3f}</td></tr>"
         for name, value in sorted(tr.class_scores.items(), key=lambda kv: -kv[1])
     )
     regions = len(tr.regions)
@@ -288,9 +322,10 @@ def _trace_html(seg: Segmentation, tr: PixelTrace) -> str:
         if regions
         else "No support images to show."
     )
+    label = render.esc(tr.label_name)
     return (
-        f'<div class="ovd-trace" data-x="{tr.x}" data-y="{tr.y}" data-label="{tr.label_name}">'
-        f"<h3>Pixel (x={tr.x}, y={tr.y}) → {tr.label_name}</h3>"
+        f'<div class="ovd-trace" data-x="{tr.x}" data-y="{tr.y}" data-label="{label}">'
+        f"<h3>Pixel (x={tr.x}, y={tr.y}) → {label}</h3>"
         f"<p>Score <b>{tr.score:.3f}</b>. Winning prototype: {_prototype_label(seg, tr)}; it "
         f"supplies {tr.winner_share:.3f} of the score ({share:.0f}%), mean cosine "
         f"{tr.winner_cosine:.3f}. {region_text}</p>"
@@ -305,15 +340,18 @@ def _explain_settings(support: SupportSet | None) -> str:
     settings = support.settings or {}
     prompt = settings.get("prompt")
     head = (
-        f"**Prompt:** “{str(prompt).replace('{}', support.category)}”"
+        f"**Prompt:** “{render.md(str(prompt).replace('{}', support.category))}”"
         if prompt
         else "**Prompt:** this generator draws images without a text prompt."
     )
     text = json.dumps(settings, indent=1, sort_keys=True, default=str)
     if len(text) > 1500:
         text = text[:1500] + "\n..."
-    details = f"<details><summary>all generation settings</summary>\n\n```json\n{text}\n```\n"
-    return f"{head}\n\n{details}</details>"
+    # raw HTML, not a code fence: a value containing ``` could close a fence
+    return (
+        f"{head}\n\n<details><summary>all generation settings</summary>"
+        f"<pre>{render.esc(text)}</pre></details>"
+    )
 
 
 # --------------------------------------------------------------------------- handlers
@@ -502,16 +540,31 @@ class DemoApp:
         value = [n for n in names if n in selected_set or (n not in known and is_stuff(n))]
         return gr.update(choices=names, value=value), names
 
-    def check_build(self, names_text: str, preset: str, support_size: float | None) -> None:
-        """Raise ``gr.Error`` for what :meth:`build` would refuse (no side effects)."""
-        _checked(parse_category_names, names_text)
-        if preset not in PRESETS:
-            raise gr.Error(f"Choose a preset ({', '.join(PRESETS)}).")
-        size = int(support_size) if support_size else None
-        if size is not None and not SUPPORT_SIZE_MIN <= size <= SUPPORT_SIZE_MAX:
+    def check_build(
+        self,
+        names_text: str,
+        preset: str,
+        support_size: float | None,
+        session: Session | None = None,
+    ) -> None:
+        """Raise ``gr.Error`` for what :meth:`build` would refuse (no side effects).
+
+        With ``session``, also refuse names that would take the visitor past
+        ``MAX_CATEGORIES`` categories in all (see :func:`_check_category_limit`).
+        """
+        names = _checked(parse_category_names, names_text)
+        if preset not in self.hosting.presets:
+            raise gr.Error(f"Choose a preset ({', '.join(self.hosting.presets)}).")
+        size = _build_size(support_size)
+        limit = self.support_limit(preset)
+        if size is not None and size > limit:
+            why = "one GPU call" if self.hosting.zero_gpu else "this server"
             raise gr.Error(
-                f"Support-set size must be {SUPPORT_SIZE_MIN}..{SUPPORT_SIZE_MAX}, got {size}."
+                f"Support-set size is at most {limit} for the '{preset}' preset on {why}; "
+                "choose a smaller size."
             )
+        if session is not None:
+            _check_category_limit(session, names, preset)
 
     def build(
         self,
@@ -528,9 +581,9 @@ class DemoApp:
             (gallery items, status Markdown, session, How-it-works category update) after
             each support batch and when each category is done.
         """
-        self.check_build(names_text, preset, support_size)
+        self.check_build(names_text, preset, support_size, session)
         names = parse_category_names(names_text)
-        size = int(support_size) if support_size else None
+        size = _build_size(support_size)
         yield from self._build(names, set(stuff_names or []), preset, size, session, progress)
 
     def _build(
@@ -547,8 +600,10 @@ class DemoApp:
             gone = [n for n in session.categories if n not in names]
             if gone:
                 gr.Warning(
-                    f"Preset changed to '{preset}': removed {', '.join(gone)} (built with "
-                    f"'{session.preset}'); build them again to use them."
+                    render.esc(
+                        f"Preset changed to '{preset}': removed {', '.join(gone)} (built with "
+                        f"'{session.preset}'); build them again to use them."
+                    )
                 )
             session.categories = {}
         session.preset, session.support_size = preset, size
@@ -558,7 +613,8 @@ class DemoApp:
         warned = False
         for k, name in enumerate(names):
             progress(k / len(names), desc=f"{name}: starting")
-            status = f"**{name}**: checking the cache..."
+            shown = render.md(name)  # the name as literal Markdown text
+            status = f"**{shown}**: checking the cache..."
             yield tiles[-MAX_GALLERY:], "\n\n".join([*lines, status]), session, gr.update()
             try:
                 offset = 0
@@ -596,13 +652,13 @@ class DemoApp:
                             tiles.append((self.tiles.save(tile), caption))
                         offset += len(batch)
                         verb = "loaded from the cache" if ev.cached else "generated"
-                        status = f"**{name}**: {ev.done}/{total} support images {verb}..."
+                        status = f"**{shown}**: {ev.done}/{total} support images {verb}..."
                         progress(
                             (k + 0.9 * min(ev.done / total, 1.0)) / len(names),
                             desc=f"{name}: {ev.done}/{total} support images",
                         )
                     elif ev.stage == "bank":
-                        status = f"**{name}**: prototypes of extractor `{ev.extractor}` ready"
+                        status = f"**{shown}**: prototypes of extractor `{ev.extractor}` ready"
                     elif ev.stage == "done":
                         result = ev.category_result
                         cached = ev.cached  # only if support and every bank came from the cache
@@ -614,9 +670,9 @@ class DemoApp:
                         gr.update(),
                     )
             except (ValueError, RuntimeError, OSError) as err:
-                raise gr.Error(f"Building '{name}' failed: {err}") from None
+                raise gr.Error(render.esc(f"Building '{name}' failed: {err}")) from None
             if result is None:
-                raise gr.Error(f"Building '{name}' ended without a category.")
+                raise gr.Error(render.esc(f"Building '{name}' ended without a category."))
             session.categories.pop(name, None)
             session.categories[name] = result
             tag = " (cached ✓)" if cached else ""
@@ -716,8 +772,7 @@ class DemoApp:
         clean = _checked(clean_category_name, name or "")
         if not session.photos:
             raise gr.Error("No photos queued: upload a photo and press 'Add photo' first.")
-        if len(session.categories) >= MAX_CATEGORIES and clean not in session.categories:
-            raise gr.Error(f"You have {MAX_CATEGORIES} categories already; that is the limit.")
+        _check_category_limit(session, [clean], preset)
         model = self.model(preset, session.support_size)
         if not self.generation.acquire(blocking=False):
             raise gr.Error("A build is already running; wait for it to finish, then try again.")
@@ -728,7 +783,8 @@ class DemoApp:
             if cat is None:
                 raise RuntimeError("the build ended without a category")
         except (ValueError, RuntimeError, OSError) as err:
-            raise gr.Error(f"Could not make '{clean}' from your photos: {err}") from None
+            message = f"Could not make '{clean}' from your photos: {err}"
+            raise gr.Error(render.esc(message)) from None
         finally:
             self.generation.release()
         if session.preset not in (None, preset) and session.categories:
@@ -751,7 +807,7 @@ class DemoApp:
         """Raise ``gr.Error`` for what :meth:`segment` would refuse (no side effects)."""
         if not session.categories:
             raise gr.Error("No categories yet: build some in tab 1 (or from your photos in tab 2).")
-        _checked(load_image, upload, MAX_SIDE)
+        _checked(load_upload, upload, MAX_SIDE)  # kept: segment() does not decode again
 
     def segment(
         self, upload: Any, session: Session
@@ -762,7 +818,7 @@ class DemoApp:
             overlay, legend HTML, the segmentation (state), then cleared trace outputs
             (info, plot, similarity map, regions) and cleared score maps.
         """
-        loaded = _checked(load_image, upload, MAX_SIDE)
+        loaded = _checked(load_upload, upload, MAX_SIDE)
         _warn_all(loaded.notes)
         if not session.categories:
             raise gr.Error("No categories yet: build some in tab 1 (or from your photos in tab 2).")
@@ -771,7 +827,7 @@ class DemoApp:
         try:
             seg = segment(loaded.image, cats, model.extractors, model.segmentation, model.scorer)
         except ValueError as err:
-            raise gr.Error(f"Segmentation failed: {err}") from None
+            raise gr.Error(render.esc(f"Segmentation failed: {err}")) from None
         overlay = render.overlay_labels(seg.image, seg.labels)
         stuff = {c.name: c.stuff for c in cats}
         legend = render.legend_html(seg.class_names, seg.prefilter, seg.queried, stuff)
@@ -889,7 +945,19 @@ class DemoApp:
         extractor = next(iter(cat.banks))
         bank = cat.banks[extractor]
         n = len(support) if support is not None else 0
-        i = min(max(int(image_index or 0), 0), max(n - 1, 0))
+        last = max(n - 1, 0)
+        if image_index is None or image_index == "":
+            image_index = 0
+        try:  # NaN, infinities and non-numbers are refused; finite numbers are clamped
+            _checked(bounded_number, image_index, "Support image index", -(2**31), 2**31)
+        except gr.Error:
+            raise gr.Error(
+                render.esc(
+                    f"Support image index must be a whole number from 0 to {last}, got "
+                    f"{image_index!r}; move the slider to pick a support image."
+                )
+            ) from None
+        i = min(max(round(float(image_index)), 0), last)
         photo = attribution = masks = clusters = None
         caption = "This category has no support images."
         if support is not None:
@@ -901,9 +969,9 @@ class DemoApp:
             )
             clusters, present = render.part_clusters(support, bank, i)
             caption = (
-                f"{present} of the K-means part prototypes of '{cat.name}' (extractor "
-                f"`{extractor}`) have member cells on support image #{i + 1}; each colour "
-                "is one part (greyish blue: background parts)."
+                f"{present} of the K-means part prototypes of '{render.md(cat.name)}' "
+                f"(extractor <code>{render.esc(extractor)}</code>) have member cells on "
+                f"support image #{i + 1}; each colour is one part (greyish blue: background parts)."
             )
         fig = render.prototype_scatter(list(session.categories.values()), extractor)
         maps: list[tuple[np.ndarray, str]] = []
@@ -1185,7 +1253,7 @@ def build_demo(
         # leaves the gallery and status of the last build untouched.
         build_btn.click(
             app.check_build,
-            [names_box, preset, support_size],
+            [names_box, preset, support_size, session],
             None,
             concurrency_limit=None,
             show_progress="hidden",

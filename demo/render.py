@@ -8,6 +8,7 @@ model or recomputes the algorithm: every number shown comes from ``ovdiff_core``
 from __future__ import annotations
 
 import html
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -28,10 +29,12 @@ __all__ = [
     "class_colors",
     "colorize",
     "empty_scores_figure",
+    "esc",
     "highlight_region",
     "legend_html",
     "mark_point",
     "mask_view",
+    "md",
     "overlay_labels",
     "part_clusters",
     "prototype_scatter",
@@ -60,6 +63,30 @@ KIND_SYMBOLS = {
     PrototypeKind.INSTANCE: "square",
     PrototypeKind.PART: "circle",
 }
+
+
+def esc(text: object) -> str:
+    """``text`` made safe to put inside HTML, as text or as a quoted attribute value.
+
+    The one place where the app escapes: every user- or data-derived string (category
+    names, file names, error messages that echo them, settings) passes through here
+    before it becomes part of an HTML string, a ``gr.HTML``/``gr.Markdown`` value or a
+    pop-up message (Gradio renders those as HTML too).
+    """
+    return html.escape(str(text), quote=True)
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~$])")
+
+
+def md(text: object) -> str:
+    """``text`` as literal text inside Markdown that Gradio renders (which allows HTML).
+
+    Markdown punctuation (``*``, ``_``, ``[``, ``#``, backquotes, ``$`` for LaTeX...) is
+    backslash-escaped so a name cannot change the layout, then :func:`esc` makes it
+    inert as HTML. Not for use inside code spans or fences (those show backslashes).
+    """
+    return esc(_MARKDOWN_SPECIAL.sub(r"\\\1", str(text)))
 
 
 def class_color(label: int) -> tuple[int, int, int]:
@@ -366,14 +393,13 @@ def legend_html(
         items.append(
             f'<span class="ovd-legend-item" data-label="{i}">'
             f'<span class="ovd-swatch" style="background:{_hex(class_color(i))}"></span>'
-            f"{html.escape(name)}{tag}</span>"
+            f"{esc(name)}{tag}</span>"
         )
     parts = [f'<div class="ovd-legend">{"".join(items)}</div>']
     if prefilter is not None:
-        kept = ", ".join(html.escape(n) for n in prefilter.kept) or "none"
+        kept = ", ".join(esc(n) for n in prefilter.kept) or "none"
         dropped = ", ".join(
-            f"{html.escape(n)} (p={prefilter.probabilities.get(n, 0.0):.2f})"
-            for n in prefilter.dropped
+            f"{esc(n)} (p={prefilter.probabilities.get(n, 0.0):.2f})" for n in prefilter.dropped
         )
         parts.append(
             '<div class="ovd-prefilter"><b>CLIP pre-filter</b> kept: '
@@ -383,7 +409,7 @@ def legend_html(
     elif queried is not None:
         parts.append(
             '<div class="ovd-prefilter">Pre-filter off: every category was kept '
-            f"({', '.join(html.escape(n) for n in queried)}).</div>"
+            f"({', '.join(esc(n) for n in queried)}).</div>"
         )
     return "\n".join(parts)
 
@@ -485,21 +511,24 @@ def prototype_scatter(categories: Sequence[Category], extractor: str) -> go.Figu
                             x=pts[sel, 0],
                             y=pts[sel, 1],
                             mode="markers",
-                            name=f"{cat.name} · {side} · {kind.name.lower()}",
+                            name=f"{esc(cat.name)} · {side} · {kind.name.lower()}",
                             marker={
                                 "color": _hex(class_color(i)),
                                 "symbol": symbol,
                                 "size": 13 if kind == PrototypeKind.CLASS else 8,
                                 "line": {"width": 1, "color": "black"},
                             },
-                            hovertemplate=f"{html.escape(cat.name)} {side} {kind.name.lower()}"
+                            hovertemplate=f"{esc(cat.name)} {side} {kind.name.lower()}"
                             "<extra></extra>",
                         )
                     )
     fig.update_layout(
         height=420,
         margin={"l": 30, "r": 10, "t": 40, "b": 30},
-        title={"text": f"prototypes of extractor '{extractor}' (PCA to 2-D)", "font": {"size": 13}},
+        title={
+            "text": f"prototypes of extractor '{esc(extractor)}' (PCA to 2-D)",
+            "font": {"size": 13},
+        },
         xaxis={"title": "PC 1"},
         yaxis={"title": "PC 2"},
         plot_bgcolor="white",

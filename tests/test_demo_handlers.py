@@ -457,3 +457,132 @@ def test_real_backend_without_weights_says_how_to_get_them(tmp_path: Path) -> No
     app = DemoApp(make_model_factory("real", str(tmp_path)), backend_info("real"))
     with pytest.raises(gr.Error, match=r"The models could not be loaded: .* download"):
         next(app.build("cat", [], "cpu", 8, Session()))
+
+
+# --------------------------------------------------------------------------- hostile input
+
+HOSTILE = ("<img src=x onerror=alert(1)>", '"><script>alert(1)</script>')
+
+
+def _no_raw_html(*texts: object) -> None:
+    for text in texts:
+        low = str(text).lower()
+        assert "<img" not in low and "<script" not in low, text
+
+
+@pytest.fixture(scope="module")
+def hostile(color_app: DemoApp) -> tuple[Session, list[tuple], tuple]:
+    """A visitor who named categories with HTML; stuff, so the pre-filter keeps them."""
+    session = Session()
+    names = ", ".join([*HOSTILE, "cat"])
+    outs = list(color_app.build(names, list(HOSTILE), "cpu", 2, session))
+    return session, outs, color_app.segment(str(SCENE), session)
+
+
+def test_hostile_names_are_escaped_in_every_html_the_app_builds(
+    color_app: DemoApp, hostile
+) -> None:
+    session, outs, (_, legend, seg, *_) = hostile
+    assert list(session.categories)[:2] == list(HOSTILE)
+    assert set(HOSTILE) <= set(seg.class_names)  # kept, so they reach every builder
+    _no_raw_html(*(status for _, status, _, _ in outs))  # build status Markdown
+    assert "&lt;img src=x onerror=alert\\(1\\)&gt;" in outs[-1][1]  # shown as text
+    _no_raw_html(legend)
+    assert "&lt;img src=x onerror=alert(1)&gt;" in legend
+    labels = {int(v) for v in np.unique(seg.labels)}
+    for k in labels:
+        ys, xs = np.nonzero(seg.labels == k)
+        html, _, _, _ = color_app.trace_at(seg, [int(xs[0]), int(ys[0])])
+        _no_raw_html(html)
+    html = color_app.trace_at(seg, [5, 5])[0]
+    assert "&quot;&gt;&lt;script&gt;" in html  # in the table of every label's score
+    for name in HOSTILE:
+        settings, *_, caption, _, _, _, _ = color_app.explain(session, seg, name, 0)
+        _no_raw_html(settings, caption)
+    # own photos: the status Markdown of create_category
+    photo = np.zeros((32, 32, 3), dtype=np.uint8)
+    own = Session(preset="cpu")
+    color_app.add_photo(_editor(photo, (4, 4, 20, 20)), own)
+    status, *_ = color_app.create_category(HOSTILE[0], False, "cpu", own)
+    _no_raw_html(status)
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_error_pop_ups_escape_the_names_they_echo(color_app: DemoApp, name: str) -> None:
+    with pytest.raises(gr.Error) as err:
+        color_app.check_build(f"{name}, {name.upper()}", "cpu", 4)
+    assert "listed twice" in err.value.message
+    _no_raw_html(err.value.message)
+
+
+def test_upload_is_decoded_once_for_check_and_segment(
+    color_app: DemoApp, built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import demo.inputs
+
+    calls: list[str] = []
+    real_open = demo.inputs._open
+
+    def counting_open(value):
+        calls.append(str(value))
+        return real_open(value)
+
+    monkeypatch.setattr(demo.inputs, "_open", counting_open)
+    path = tmp_path / "scene.png"
+    Image.open(SCENE).save(path)
+    color_app.check_segment(str(path), built[0])
+    overlay, *_ = color_app.segment(str(path), built[0])
+    assert calls == [str(path)] and overlay.shape == (192, 256, 3)
+    # a new upload at the same path (another file) is decoded again
+    Image.open(SCENE).transpose(Image.Transpose.ROTATE_90).save(path)
+    color_app.check_segment(str(path), built[0])
+    assert color_app.segment(str(path), built[0])[0].shape == (256, 192, 3)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), 1e309, "nan", 1e300])
+def test_non_finite_support_size_is_a_clear_error(color_app: DemoApp, bad) -> None:
+    with pytest.raises(gr.Error, match=r"Support-set size must be 2\.\.64, got .*whole number"):
+        color_app.check_build("cat", "cpu", bad)
+    with pytest.raises(gr.Error, match=r"Support-set size must be 2\.\.64"):
+        next(color_app.build("cat", [], "cpu", bad, Session()))
+
+
+def test_non_finite_click_is_a_clear_error(color_app: DemoApp, segmented) -> None:
+    seg = segmented[2]
+    for index in ([float("nan"), 5], [5, float("inf")], [float("-inf"), 1], [1e309, 2]):
+        for handler in (color_app.trace_panel, color_app.trace_chart):
+            with pytest.raises(gr.Error, match="Click on the segmented image itself"):
+                handler(seg, index)
+    with pytest.raises(gr.Error, match="outside the 256x192 image"):
+        color_app.trace_panel(seg, [1e300, 3])  # huge but finite: outside
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), "abc"])
+def test_non_finite_slider_is_a_clear_error(color_app: DemoApp, built, bad) -> None:
+    with pytest.raises(gr.Error, match="Support image index must be a whole number from 0 to 3"):
+        color_app.explain(built[0], None, "cat", bad)
+    assert color_app.explain(built[0], None, "cat", 2.6)[9]["value"] == 3  # finite: rounded
+
+
+def test_category_limit_holds_per_visitor_not_per_build(color_app: DemoApp) -> None:
+    session = Session()
+    first = [f"thing {i}" for i in range(12)]
+    list(color_app.build(", ".join(first), [], "cpu", 2, session))
+    second = ", ".join(f"other {i}" for i in range(12))
+    with pytest.raises(gr.Error, match="12 categories already and this adds 12 new ones"):
+        color_app.check_build(second, "cpu", 2, session)
+    with pytest.raises(gr.Error, match=r"limit of 20 per visitor.*reload the page"):
+        next(color_app.build(second, [], "cpu", 2, session))
+    assert len(session.categories) == 12
+    # rebuilding names the visitor has does not count twice: 12 + 8 new = 20 is fine
+    again = ", ".join(first + [f"other {i}" for i in range(8)])
+    color_app.check_build(again, "cpu", 2, session)
+    list(color_app.build(again, [], "cpu", 2, session))
+    assert len(session.categories) == 20
+    # own photos count too
+    session.photos = [(np.zeros((32, 32, 3), dtype=np.uint8), None)]
+    with pytest.raises(gr.Error, match="20 categories already and this adds 1 new"):
+        color_app.create_category("teapot", False, "cpu", session)
+    # a preset change starts the visitor afresh (the old categories are dropped)
+    color_app.check_build(second, "paper", 2, session)

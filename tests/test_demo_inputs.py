@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import io
+import json
+import os
+import subprocess
+import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import demo.inputs
 from demo.inputs import (
     MAX_CATEGORIES,
+    MAX_DECODE_PIXELS,
     MAX_SIDE,
     array_to_rgb,
+    bounded_number,
     click_point,
     load_image,
+    load_upload,
     mask_from_editor,
     parse_category_names,
     split_names_leniently,
@@ -214,3 +223,146 @@ def test_click_point_validation() -> None:
     for bad in (None, "xy", [1], [1, 2, 3], ["a", "b"]):
         with pytest.raises(ValueError, match="Click on the segmented image"):
             click_point(bad, (10, 20))  # type: ignore[arg-type]
+
+    for bad in ([float("nan"), 1], [1, float("inf")], [float("-inf"), 1], [1e309, 1]):
+        with pytest.raises(ValueError, match="Click on the segmented image"):
+            click_point(bad, (10, 20))
+    with pytest.raises(ValueError, match="outside"):
+        click_point([1e300, 1], (10, 20))
+
+
+def test_bounded_number_refuses_non_finite_and_out_of_range() -> None:
+    assert bounded_number(4, "Size", 2, 64) == 4
+    assert bounded_number(4.6, "Size", 2, 64) == 5
+    assert bounded_number("8", "Size", 2, 64) == 8
+    for bad in (float("nan"), float("inf"), float("-inf"), "nan", "abc", None, 1e309, 65, 1):
+        with pytest.raises(ValueError, match=r"Size must be 2\.\.64, got .+; set a whole number"):
+            bounded_number(bad, "Size", 2, 64)
+
+
+# --------------------------------------------------------------------------- bounded memory
+
+_CHILD = """
+import json, resource, sys
+from demo.inputs import load_image
+
+def status_kib(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+
+limit = status_kib("VmSize") * 1024 + int(sys.argv[2])  # address space the decode may add
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+base = status_kib("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:  # peak RSS mark := current RSS
+    f.write("5")
+try:
+    out = load_image(sys.argv[1])
+    result = {"shape": list(out.image.shape), "notes": out.notes}
+except ValueError as err:
+    result = {"error": str(err)}
+except MemoryError:
+    result = {"error": "MemoryError"}
+result["peak_mib"] = (status_kib("VmHWM") - base) / 1024
+print(json.dumps(result))
+"""
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_in_child(path: Path, limit_bytes: int = 2**30) -> dict:
+    """load_image(path) in a subprocess allowed ``limit_bytes`` (1 GiB) more address space.
+
+    Returns the result's shape and notes, or its error, and ``peak_mib``: the peak
+    resident memory the call added (``VmHWM`` after it minus ``VmRSS`` before it; the
+    subprocess's ``ru_maxrss`` would include the memory of the pytest process that
+    forked it).
+    """
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(path), str(limit_bytes)],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_decompression_bomb_is_refused_from_its_header(tmp_path: Path) -> None:
+    # 13000x13000 RGBA of zeros: under 1 MB on disk, 169 Mpx (676 MB decoded)
+    path = tmp_path / "bomb.png"
+    Image.new("RGBA", (13000, 13000)).save(path, compress_level=9)
+    assert path.stat().st_size < 2**20
+    result = _load_in_child(path)
+    assert "13000x13000 pixels (169 megapixels)" in result.get("error", ""), result
+    assert f"at most {MAX_DECODE_PIXELS / 1e6:.0f} megapixels" in result["error"]
+    assert result["peak_mib"] < 100  # refused before decoding anything
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["rgba", "16bit"])
+def test_large_image_under_the_budget_decodes_in_bounded_memory(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / f"{kind}.png"
+    if kind == "rgba":  # 30 Mpx half-transparent: a float64 copy alone would be 960 MB
+        Image.new("RGBA", (6000, 5000), (10, 200, 30, 128)).save(path, compress_level=1)
+        expected = [853, 1024, 3]
+    else:  # 47.6 Mpx 16-bit grayscale, just under the budget
+        ramp = np.linspace(0, 65535, 6900, dtype=np.float32).astype(np.uint16)
+        Image.fromarray(np.broadcast_to(ramp, (6900, 6900)).copy()).save(path, compress_level=1)
+        expected = [1024, 1024, 3]
+    result = _load_in_child(path)
+    assert result.get("shape") == expected, result
+    assert any("downscaled" in n for n in result["notes"])
+    # measured: about 250 MiB (rgba) and 340 MiB (16bit); the old decoder needed 3.4 GiB
+    # and 1.4 GiB
+    assert result["peak_mib"] < 768, result
+
+
+def test_array_to_rgb_is_bounded() -> None:
+    # a view of one pixel, shaped like a 100 Mpx editor array: refused before converting
+    huge = np.broadcast_to(np.zeros(3, np.uint8), (10_000, 10_000, 3))
+    with pytest.raises(ValueError, match="megapixels"):
+        array_to_rgb(huge)
+    with pytest.raises(ValueError, match="megapixels"):
+        load_image(huge)
+    # other depths convert by row chunks: no full-size float64 (or float32) copy
+    rng = np.random.default_rng(0)
+    data = rng.random((2000, 1500, 3), dtype=np.float32) * 3.0
+    data[0, 0, 0] = np.nan
+    tracemalloc.start()
+    try:
+        out = array_to_rgb(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out.shape == data.shape and out.dtype == np.uint8
+    assert out.max() == 255 and out[0, 0, 0] == 0
+    assert peak < 2.5 * out.nbytes, peak  # the uint8 result plus small chunks
+
+
+def test_load_upload_decodes_each_file_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    real_open = demo.inputs._open
+
+    def counting_open(value):
+        calls.append(str(value))
+        return real_open(value)
+
+    monkeypatch.setattr(demo.inputs, "_open", counting_open)
+    path = _save(tmp_path, Image.new("RGB", (40, 30), (1, 2, 3)), "a.png")
+    first = load_upload(path)
+    second = load_upload(path)
+    assert len(calls) == 1 and second.image is first.image and second.notes == first.notes
+    second.notes.append("x")  # each caller gets its own notes
+    assert load_upload(path).notes == first.notes
+    assert load_upload(path, max_side=16).image.shape == (12, 16, 3) and len(calls) == 2
+    os.utime(path, ns=(0, 0))  # another file at the same path
+    load_upload(path)
+    assert len(calls) == 3
+    with pytest.raises(ValueError, match="could not be found"):
+        load_upload(str(tmp_path / "gone.png"))

@@ -150,3 +150,42 @@ def test_prototype_scatter_has_every_prototype(cat_category: Category) -> None:
     names = {t.name for t in fig.data}
     assert "cat · fg · class" in names and "cat · bg · part" in names
     assert render.prototype_scatter([cat_category], "missing").data == ()
+
+
+HOSTILE = ("<img src=x onerror=alert(1)>", '"><script>alert(1)</script>')
+
+
+def test_esc_and_md_make_names_literal_text() -> None:
+    assert render.esc(HOSTILE[0]) == "&lt;img src=x onerror=alert(1)&gt;"
+    assert render.esc(HOSTILE[1]) == "&quot;&gt;&lt;script&gt;alert(1)&lt;/script&gt;"
+    assert render.esc("it's") == "it&#x27;s"  # safe in single-quoted attributes too
+    # Markdown: punctuation backslash-escaped (layout, links, LaTeX), then HTML-escaped
+    assert render.md("**bold** [x](javascript:y) $$z$$ #h") == (
+        r"\*\*bold\*\* \[x\]\(javascript:y\) \$\$z\$\$ \#h"
+    )
+    assert render.md(HOSTILE[0]) == r"&lt;img src=x onerror=alert\(1\)&gt;"
+    assert render.md("a & b") == "a &amp; b"
+
+
+def test_html_builders_escape_hostile_names(cat_category: Category) -> None:
+    names = ["background", *HOSTILE]
+    prefilter = PrefilterResult(
+        kept=[HOSTILE[0]],
+        dropped=[HOSTILE[1]],
+        probabilities={HOSTILE[1]: 0.1},
+        candidates=[HOSTILE[0]],
+        subset_scores={},
+    )
+    outputs = [
+        render.legend_html(names, prefilter, names[1:], {HOSTILE[0]: True}),
+        render.legend_html(names, None, names[1:]),
+    ]
+    for out in outputs:
+        assert "<img" not in out and "<script" not in out
+        assert "&lt;img src=x onerror=alert(1)&gt;" in out
+    hostile = Category(HOSTILE[1], cat_category.banks, cat_category.support)
+    fig = render.prototype_scatter([hostile], "color")
+    for trace in fig.data:
+        assert "<script" not in trace.name and "<script" not in trace.hovertemplate
+    fig = render.prototype_scatter([hostile], HOSTILE[0])  # an extractor name in the title
+    assert "<img" not in fig.layout.title.text

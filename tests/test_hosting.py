@@ -72,7 +72,7 @@ def _fake_spaces(monkeypatch) -> list[tuple[object, tuple]]:
     """A stand-in ``spaces`` package whose GPU records each call and its duration."""
     calls: list[tuple[object, tuple]] = []
 
-    def GPU(duration):  # noqa: N802 - the real package's name
+    def GPU(duration):
         def wrap(fn):
             def run(*args):
                 seconds = duration(*args) if callable(duration) else duration

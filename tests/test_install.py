@@ -7,10 +7,10 @@ requirement must be pinned in the lock at a version its lower bound allows, and
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 

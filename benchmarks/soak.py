@@ -6,13 +6,15 @@ then plays N visitors one after another through Gradio's HTTP API (``gradio_clie
 each opens a new session, builds one category name nobody asked for before, and segments
 a 1024 px image. Every ``--every`` visitors it prints the server's resident memory (RSS,
 from /proc) and the bytes on disk in the cache, in the app's tile folder and in Gradio's
-temporary folder. Visitors never close their page here (the API client sends no unload),
-which is the worst case: sessions then go only by the session cap and time to live.
+temporary folder. By default each visitor then leaves (the API client stops its heartbeat,
+as a closed browser tab does, and the app's unload handler frees the session). With
+``--keep-open`` no visitor ever leaves during the run, the worst case: sessions then go only
+by the session cap (``OVDIFF_MAX_SESSIONS``) and their time to live.
 
 Usage::
 
     python benchmarks/soak.py [--visitors 200] [--every 20] [--side 1024]
-        [--env OVDIFF_MAX_SESSIONS=64 ...]
+        [--keep-open] [--env OVDIFF_MAX_SESSIONS=64 ...]
 
 The run is bounded: N visitors, each with a 120 s limit, on 127.0.0.1 only.
 """
@@ -76,6 +78,7 @@ def main() -> None:
     parser.add_argument("--visitors", type=int, default=200)
     parser.add_argument("--every", type=int, default=20)
     parser.add_argument("--side", type=int, default=1024)
+    parser.add_argument("--keep-open", action="store_true", help="visitors never leave")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the app")
     args = parser.parse_args()
 
@@ -103,7 +106,8 @@ def main() -> None:
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     print(f"# app pid {proc.pid}, {url}, work folder {work}")
-    print(f"# settings: {' '.join(args.env) or 'defaults'}; image {args.side} px")
+    leave = "stay connected" if args.keep_open else "leave after segmenting"
+    print(f"# settings: {' '.join(args.env) or 'defaults'}; image {args.side} px; visitors {leave}")
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -117,6 +121,7 @@ def main() -> None:
         cols = ("visitors", "names built", "RSS MiB", "cache MiB", "tiles MiB", "Gradio temp MiB")
         print("| " + " | ".join(cols) + " | s/visitor |")
         print("|" + "---|" * 7)
+        open_clients: list[Client] = []
         start = time.monotonic()
         last = start
         print(f"| 0 | 0 | {_rss_mib(proc.pid):.0f} | 0 | 0 | 0 | - |")
@@ -124,7 +129,10 @@ def main() -> None:
             client = Client(url, verbose=False, download_files=False)
             client.predict(f"soak name {v}", [], "cpu", 4, api_name="/build")
             client.predict(handle_file(str(scene)), api_name="/segment")
-            client.close()
+            if args.keep_open:
+                open_clients.append(client)
+            else:
+                client.close()
             if v % args.every == 0 or v == args.visitors:
                 now = time.monotonic()
                 per = (now - last) / args.every

@@ -1028,7 +1028,7 @@ def build_demo(
         # until they close the page (`demo.unload` below), whichever comes first.
         session = gr.State(Session(), time_to_live=hosting.session_ttl)
         seg_state = gr.State(None, time_to_live=hosting.session_ttl)
-        typed_names = gr.State(first_names)
+        typed_names = gr.State(first_names, time_to_live=hosting.session_ttl)
 
         gr.Markdown(f"# {TITLE}\n{SUBTITLE}")
         if info.banner:

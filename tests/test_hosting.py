@@ -121,3 +121,27 @@ def test_zero_gpu_caps_the_support_size_so_one_category_fits_one_call(tmp_path):
     assert 2 <= paper < 64 and app.support_limit("cpu") == 64
     plain = DemoApp(make_model_factory("color", str(tmp_path)), backend_info("color"))
     assert plain.support_limit("paper") == 64
+
+
+def test_sessions_expire_and_a_closed_page_leaves_nothing(tmp_path):
+    import gradio as gr
+    from gradio.state_holder import StateHolder
+
+    from demo.app import build_demo
+
+    cfg = HostingConfig(session_ttl=600, max_sessions=3)
+    demo = build_demo(make_model_factory("color", str(tmp_path)), "color", hosting=cfg)
+    states = [b for b in demo.blocks.values() if isinstance(b, gr.State)]
+    assert states and all(s.time_to_live == 600 for s in states)
+    holder = StateHolder()
+    demo.state_session_capacity = cfg.max_sessions
+    holder.set_blocks(demo)
+    for key in ("a", "b"):
+        session = holder[key]
+        session[states[0]._id] = Session()  # a visitor's data
+    app = demo.ovdiff_app
+    app.forget_session(types.SimpleNamespace(session_hash="a"))  # page closed
+    assert "a" not in holder.session_data and "b" in holder.session_data
+    for key in ("c", "d", "e"):
+        holder[key]
+    assert len(holder.session_data) == 3  # least recently used beyond the cap dropped

@@ -155,3 +155,30 @@ def concurrent_cache_worker(root: str, barrier: Any, results: Any, rounds: int) 
     results.put(
         {"generated": gen.generated, "calls": ex.calls, "bank": bank_sum, "bad_loads": bad_loads}
     )
+
+
+def save_tiny_model_repos(root: Any) -> None:
+    """The tiny models saved under ``root`` like their hub repos (``sd``, ``taesd``,
+    ``dinov2``, ``clip`` folders), so that the real loaders can read them offline."""
+    import json
+
+    from diffusers import AutoencoderTiny
+    from safetensors.torch import save_file
+
+    from ovdiff_core.backends.tiny_sd import tiny_sd_pipeline
+    from ovdiff_core.backends.tiny_vision import TINY_CLIP_CONFIG, tiny_dinov2, tiny_open_clip
+
+    tiny_sd_pipeline(seed=0).save_pretrained(root / "sd")
+    torch.manual_seed(0)
+    AutoencoderTiny(
+        encoder_block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+    ).save_pretrained(root / "taesd")
+    tiny_dinov2(seed=0).save_pretrained(root / "dinov2")
+    (root / "clip").mkdir()
+    config = {"model_cfg": TINY_CLIP_CONFIG, "preprocess_cfg": {}}
+    (root / "clip" / "open_clip_config.json").write_text(json.dumps(config))
+    state = {k: v.contiguous() for k, v in tiny_open_clip(seed=0).state_dict().items()}
+    save_file(state, root / "clip" / "open_clip_model.safetensors")

@@ -7,13 +7,13 @@ from local directories (offline); device/dtype selection; the missing-weights er
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import pytest
 import skimage.data
 import torch
+from helpers import save_tiny_model_repos
 
 from ovdiff_core import FAST_SEGMENT, OVDiff, trace
 from ovdiff_core.backends import (
@@ -121,34 +121,10 @@ def test_tiny_same_seed_same_models_and_device(tmp_path):
 # ------------------------------------------------------------------ real backend, offline
 
 
-def _save_tiny_models(root):
-    """The tiny models saved like hub checkpoints, so the real loaders can read them."""
-    from diffusers import AutoencoderTiny
-    from safetensors.torch import save_file
-
-    from ovdiff_core.backends.tiny_sd import tiny_sd_pipeline
-    from ovdiff_core.backends.tiny_vision import TINY_CLIP_CONFIG, tiny_dinov2, tiny_open_clip
-
-    tiny_sd_pipeline(seed=0).save_pretrained(root / "sd")
-    torch.manual_seed(0)
-    AutoencoderTiny(
-        encoder_block_out_channels=(8, 8, 8, 8),
-        decoder_block_out_channels=(8, 8, 8, 8),
-        num_encoder_blocks=(1, 1, 1, 1),
-        num_decoder_blocks=(1, 1, 1, 1),
-    ).save_pretrained(root / "taesd")
-    tiny_dinov2(seed=0).save_pretrained(root / "dinov2")
-    (root / "clip").mkdir()
-    config = {"model_cfg": TINY_CLIP_CONFIG, "preprocess_cfg": {}}
-    (root / "clip" / "open_clip_config.json").write_text(json.dumps(config))
-    state = {k: v.contiguous() for k, v in tiny_open_clip(seed=0).state_dict().items()}
-    save_file(state, root / "clip" / "open_clip_model.safetensors")
-
-
 def test_real_backend_from_local_dirs_offline(tmp_path, monkeypatch, image):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(loading, "_hub_reachable", lambda: pytest.fail("no hub lookups"))
-    _save_tiny_models(tmp_path)
+    save_tiny_model_repos(tmp_path)
     # The user's way to point the presets at local copies: environment variables.
     for var, sub in (
         ("OVDIFF_CLIP_MODEL", "clip"),

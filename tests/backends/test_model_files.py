@@ -10,13 +10,13 @@ random models.
 from __future__ import annotations
 
 import fnmatch
-import json
 import shutil
 from pathlib import Path
 
 import huggingface_hub
 import pytest
 import torch
+from helpers import save_tiny_model_repos
 from huggingface_hub import constants
 
 from ovdiff_core.backends import loading
@@ -53,30 +53,13 @@ def _fresh(monkeypatch, tmp_path):
 def tiny_repos(tmp_path_factory) -> Path:
     """The tiny models saved like their hub repos (sd, taesd, dinov2, clip), plus the
     extra files real repos carry that the project never loads."""
-    from diffusers import AutoencoderTiny
-    from safetensors.torch import save_file
-
     from ovdiff_core.backends.tiny_sd import tiny_sd_pipeline
-    from ovdiff_core.backends.tiny_vision import TINY_CLIP_CONFIG, tiny_dinov2, tiny_open_clip
 
     root = tmp_path_factory.mktemp("repos")
-    tiny_sd_pipeline(seed=0).save_pretrained(root / "sd")
+    save_tiny_model_repos(root)
     fp16 = tiny_sd_pipeline(seed=0)
     for part in ("unet", "vae", "text_encoder"):
         getattr(fp16, part).to(torch.float16).save_pretrained(root / "sd" / part, variant="fp16")
-    torch.manual_seed(0)
-    AutoencoderTiny(
-        encoder_block_out_channels=(8, 8, 8, 8),
-        decoder_block_out_channels=(8, 8, 8, 8),
-        num_encoder_blocks=(1, 1, 1, 1),
-        num_decoder_blocks=(1, 1, 1, 1),
-    ).save_pretrained(root / "taesd")
-    tiny_dinov2(seed=0).save_pretrained(root / "dinov2")
-    (root / "clip").mkdir()
-    config = {"model_cfg": TINY_CLIP_CONFIG, "preprocess_cfg": {}}
-    (root / "clip" / "open_clip_config.json").write_text(json.dumps(config))
-    state = {k: v.contiguous() for k, v in tiny_open_clip(seed=0).state_dict().items()}
-    save_file(state, root / "clip" / "open_clip_model.safetensors")
     # What real repos also hold: other copies of the same weights, docs.
     for name in ("sd", "taesd", "dinov2", "clip"):
         (root / name / "README.md").write_text("# model card")

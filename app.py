@@ -14,7 +14,7 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from demo.app import CSS, MARKER_JS, build_demo
-from demo.hosting import HostingConfig
+from demo.hosting import HostingConfig, limit_malloc_arenas
 from demo.models import ASSETS, BACKENDS, PRESETS, make_model_factory
 
 
@@ -30,6 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.backend not in BACKENDS:
         parser.error(f"OVDIFF_BACKEND must be one of {BACKENDS}, got {args.backend!r}")
+    limit_malloc_arenas()  # resident memory levels off in a server that runs for weeks
     try:
         hosting = HostingConfig.from_env()
     except ValueError as err:

@@ -42,6 +42,7 @@ __all__ = [
     "HostingConfig",
     "build_seconds",
     "gpu",
+    "limit_malloc_arenas",
     "on_zero_gpu",
     "segment_seconds",
 ]
@@ -133,6 +134,29 @@ def segment_seconds(n_passes: int, n_extractors: int) -> int:
     """
     work = 0.3 * n_passes * n_extractors + 2.0
     return max(10, math.ceil(SAFETY * (GPU_OVERHEAD_SECONDS + work)))
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas (as ``MALLOC_ARENA_MAX`` would) for a long-running server.
+
+    A threaded server otherwise gets one arena per thread, up to 8 per core, and memory
+    freed in one is not reused by another: resident memory then creeps up over weeks even
+    though what the app keeps is bounded (``benchmarks/soak.py`` shows it). Call it at
+    start-up, before the server's threads exist. Does nothing where ``MALLOC_ARENA_MAX``
+    is already set or the C library is not glibc.
+
+    Returns:
+        whether the cap was applied.
+    """
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-8, arenas))  # -8 = M_ARENA_MAX
+    except (OSError, AttributeError):
+        return False
 
 
 def _int(environ: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:

@@ -145,3 +145,10 @@ def test_sessions_expire_and_a_closed_page_leaves_nothing(tmp_path):
     for key in ("c", "d", "e"):
         holder[key]
     assert len(holder.session_data) == 3  # least recently used beyond the cap dropped
+
+
+def test_malloc_arena_cap_is_skipped_when_the_environment_sets_it(monkeypatch):
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert hosting.limit_malloc_arenas() is False
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    assert hosting.limit_malloc_arenas() is True  # glibc: mallopt accepted the cap

@@ -99,14 +99,23 @@ def test_page_shows_the_mode_banner(page: Any, backend: str, artifacts: Path) ->
 def test_build_fills_the_gallery_batch_by_batch(page: Any, backend: str, artifacts: Path) -> None:
     page.fill("#names textarea", NAMES[backend])
     page.locator("#names textarea").blur()
+    # Every gallery size the page shows, recorded in the page itself as the DOM changes
+    # (polling from here misses short-lived states when the machine is busy).
+    page.evaluate(
+        """() => {
+          const count = () => document.querySelectorAll('#support-gallery img').length;
+          window.__ovdCounts = [count()];
+          new MutationObserver(() => {
+            const n = count(), seen = window.__ovdCounts;
+            if (n !== seen[seen.length - 1]) seen.push(n);
+          }).observe(document.body, {childList: true, subtree: true});
+        }"""
+    )
     page.click("#build")
-    seen: list[int] = []
     mid_shot = False
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         n = _gallery_count(page)
-        if not seen or n != seen[-1]:
-            seen.append(n)
         if n > 0 and not mid_shot:
             _shot(page, artifacts, "02-building.png")
             mid_shot = True
@@ -114,6 +123,7 @@ def test_build_fills_the_gallery_batch_by_batch(page: Any, backend: str, artifac
             break
         time.sleep(0.05)
     assert "Ready:" in _status(page), f"build did not finish: {_status(page)!r}"
+    seen = [int(n) for n in page.evaluate("() => window.__ovdCounts")]
     n_names = len(NAMES[backend].split(","))
     final = _gallery_count(page)
     assert final >= 2 * n_names

@@ -7,6 +7,14 @@
 * :func:`evaluate`: run a model over a dataset and score it.
 """
 
+from ovdiff_core.evaluation.datasets import (
+    NAME_SETS,
+    Sample,
+    VOCSegmentation,
+    class_names,
+    names_version,
+    voc_palette,
+)
 from ovdiff_core.evaluation.metrics import (
     IGNORE_INDEX,
     ConfusionMatrix,
@@ -14,11 +22,21 @@ from ovdiff_core.evaluation.metrics import (
     confusion_matrix,
     resize_nearest,
 )
+from ovdiff_core.evaluation.run import EvalResult, evaluate, labels_for
 
 __all__ = [
     "IGNORE_INDEX",
+    "NAME_SETS",
     "ConfusionMatrix",
+    "EvalResult",
+    "Sample",
     "SegMetrics",
+    "VOCSegmentation",
+    "class_names",
     "confusion_matrix",
+    "evaluate",
+    "labels_for",
+    "names_version",
     "resize_nearest",
+    "voc_palette",
 ]

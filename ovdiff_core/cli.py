@@ -121,7 +121,7 @@ def make_model(
 
         world = color_world(names)
         generator = ColorGenerator(
-            world, n_images=support_size or 6, batch_size=2, size=(96, 96), align=16
+            world, n_images=support_size or 16, batch_size=4, size=(96, 96), align=16
         )
         extractors = [
             ColorExtractor("color", stride=8),

@@ -12,7 +12,7 @@ import pytest
 import tomllib
 from PIL import Image
 
-from ovdiff_core.cli import main, resolve_vocabulary
+from ovdiff_core.cli import main, make_model, resolve_vocabulary
 from ovdiff_core.evaluation.datasets import class_names
 from ovdiff_core.evaluation.synthetic import color_world, write_synthetic_voc
 from ovdiff_core.stuff import STUFF
@@ -96,13 +96,13 @@ def test_build_is_resumable_second_run_all_cache_hits(tmp_path):
     rc, first = run("build", "voc", "--backend", "color", "--cache", cache)
     assert rc == 0
     assert "20 classes: 20 built, 0 from cache" in first
-    assert "| monitor | no | 6 | no |" in first
+    assert "| monitor | no | 16 | no |" in first
     before = _files(cache)
     assert len(before) == 20 * 3  # a support set and two banks per class
     rc, second = run("build", "voc", "--backend", "color", "--cache", cache)
     assert rc == 0
     assert "20 classes: 0 built, 20 from cache" in second
-    assert "| potted plant | no | 6 | yes |" in second
+    assert "| potted plant | no | 16 | yes |" in second
     assert _files(cache) == before  # nothing rewritten
 
 
@@ -190,3 +190,17 @@ def test_console_script_and_python_m(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "2 classes: 2 built, 0 from cache" in proc.stdout
+
+
+def test_colour_model_support_sets_show_every_background(tmp_path):
+    """The precondition of the known 100 %: every VOC class has background prototypes of
+    every background colour that scenes use (a class whose support images never show a
+    colour cannot call it background)."""
+    model = make_model("color", "cpu", VOC_NAMES, str(tmp_path))
+    backgrounds = np.array(color_world(VOC_NAMES).backgrounds, dtype=float)
+    for cat in model.build(VOC_NAMES):
+        seen = set()
+        for image, bg in zip(cat.support.images, cat.support.background, strict=True):
+            mean = image[bg].mean(axis=0)
+            seen.add(int(np.argmin(np.linalg.norm(backgrounds - mean, axis=1))))
+        assert seen == {0, 1, 2}, cat.name

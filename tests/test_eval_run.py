@@ -18,7 +18,7 @@ NAMES = class_names("voc")
 @pytest.fixture(scope="module")
 def model():
     world = color_world(NAMES)
-    gen = ColorGenerator(world, n_images=4, batch_size=2, size=(96, 96), align=16)
+    gen = ColorGenerator(world, n_images=16, batch_size=4, size=(96, 96), align=16)
     extractors = [ColorExtractor("color", stride=8), ColorExtractor("color2", stride=16, seed=1)]
     m = OVDiff(
         gen,

@@ -410,6 +410,13 @@ def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None) -> int
     except CLIError as err:
         print(f"ovdiff {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except ValueError as err:  # library input errors say what to do already
+    except (ValueError, OSError) as err:  # library input and file errors say what to do
+        print(f"ovdiff {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        from ovdiff_core.backends.loading import ModelNotAvailableError
+
+        if not isinstance(err, ModelNotAvailableError):
+            raise
         print(f"ovdiff {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -204,3 +204,13 @@ def test_colour_model_support_sets_show_every_background(tmp_path):
             mean = image[bg].mean(axis=0)
             seen.add(int(np.argmin(np.linalg.norm(backgrounds - mean, axis=1))))
         assert seen == {0, 1, 2}, cat.name
+
+
+def test_missing_real_models_are_one_error_not_a_traceback(tmp_path, monkeypatch, capsys):
+    for var in ("SD", "TAESD", "CLIP", "DINOV2", "DINO"):
+        monkeypatch.setenv(f"OVDIFF_{var}_MODEL", str(tmp_path / "no-such-model"))
+    rc, _ = run("build", "cat", "--backend", "real", "--cache", str(tmp_path / "c"))
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ovdiff build: error:") and "no-such-model" in err
+    assert "Traceback" not in err

@@ -20,7 +20,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -31,7 +31,14 @@ from ovdiff_core.evaluation.datasets import NAME_SETS, VOCSegmentation, class_na
 from ovdiff_core.pipeline import OVDiff, clean_category_name
 from ovdiff_core.stuff import STUFF, is_stuff
 
-__all__ = ["BuildRow", "build_vocabulary", "main", "make_model", "resolve_vocabulary"]
+__all__ = [
+    "BuildRow",
+    "apply_ablations",
+    "build_vocabulary",
+    "main",
+    "make_model",
+    "resolve_vocabulary",
+]
 
 BACKENDS = ("real", "tiny", "color")
 PRESETS = ("cpu", "paper")
@@ -351,9 +358,7 @@ def _cmd_eval(args: argparse.Namespace, stdout: TextIO) -> int:
             "split": args.split,
             "names": "voc",
             "names_version": names_version("voc"),
-            "backend": args.backend,
-            "preset": args.preset,
-            "support_size": args.support_size,
+            "settings": _settings(args),
             "images_per_s": result.images_per_s,
             "seconds": result.seconds,
         }
@@ -364,7 +369,73 @@ def _cmd_eval(args: argparse.Namespace, stdout: TextIO) -> int:
 
 
 def _model(args: argparse.Namespace, names: Sequence[str]) -> OVDiff:
-    return make_model(args.backend, args.preset, names, args.cache, args.support_size, args.device)
+    model = make_model(args.backend, args.preset, names, args.cache, args.support_size, args.device)
+    return apply_ablations(
+        model,
+        background=not args.no_background,
+        prefilter=not args.no_prefilter,
+        stuff_filter=not args.no_stuff_filter,
+        class_mean_only=args.class_mean_only,
+        extractors=args.extractors,
+    )
+
+
+def apply_ablations(
+    model: OVDiff,
+    background: bool = True,
+    prefilter: bool = True,
+    stuff_filter: bool = True,
+    class_mean_only: bool = False,
+    extractors: str | None = None,
+) -> OVDiff:
+    """Switch off parts of the method, as in the paper's ablation table (in place).
+
+    Args:
+        background: False = no background prototypes (``SegmentConfig.background``).
+        prefilter: False = no CLIP category pre-filter (every class is kept).
+        stuff_filter: False = keep other classes' background prototypes however close they
+            are to a stuff class's foreground (``stuff_threshold`` above any cosine);
+            stuff classes still contribute no background prototypes of their own.
+        class_mean_only: keep only the class-mean prototypes (no instance or part
+            prototypes); banks are built anew under their own cache keys.
+        extractors: comma-separated extractor names to keep (e.g. ``"sd"``,
+            ``"clip,dino"``); None = all of the preset's.
+
+    Raises:
+        CLIError: an unknown extractor name.
+    """
+    changes: dict[str, Any] = {}
+    if not background:
+        changes["background"] = False
+    if not prefilter:
+        changes["prefilter"] = False
+    if not stuff_filter:
+        changes["stuff_threshold"] = 2.0  # cosines are <= 1: nothing is dropped
+    if changes:
+        model.segmentation = model.segmentation.replace(**changes)
+    if class_mean_only:
+        model.prototypes = replace(model.prototypes, instance_level=False, part_level=False)
+    if extractors is not None:
+        wanted = [e.strip() for e in extractors.split(",") if e.strip()]
+        have = [e.name for e in model.extractors]
+        unknown = [w for w in wanted if w not in have]
+        if unknown or not wanted:
+            raise CLIError(f"--extractors {extractors!r}: this model has extractors {have}")
+        model.extractors = [e for e in model.extractors if e.name in wanted]
+    return model
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "backend": args.backend,
+        "preset": args.preset,
+        "support_size": args.support_size,
+        "no_background": args.no_background,
+        "no_prefilter": args.no_prefilter,
+        "no_stuff_filter": args.no_stuff_filter,
+        "class_mean_only": args.class_mean_only,
+        "extractors": args.extractors,
+    }
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -375,6 +446,16 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--support-size", type=int, default=None, help="images per class")
     common.add_argument("--device", default=None, help="torch device (real/tiny backends)")
     common.add_argument("--quiet", action="store_true", help="no progress bars")
+    ablation = common.add_argument_group("ablations (the paper's table)")
+    ablation.add_argument("--no-background", action="store_true", help="no bg prototypes")
+    ablation.add_argument("--no-prefilter", action="store_true", help="no CLIP pre-filter")
+    ablation.add_argument("--no-stuff-filter", action="store_true", help="no stuff filter")
+    ablation.add_argument(
+        "--class-mean-only", action="store_true", help="class-mean prototypes only"
+    )
+    ablation.add_argument(
+        "--extractors", default=None, help="extractors to keep, e.g. sd or clip,dino"
+    )
     parser = argparse.ArgumentParser(
         prog="ovdiff", description="OVDiff open-vocabulary segmentation from the command line"
     )

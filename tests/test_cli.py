@@ -214,3 +214,50 @@ def test_missing_real_models_are_one_error_not_a_traceback(tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert err.startswith("ovdiff build: error:") and "no-such-model" in err
     assert "Traceback" not in err
+
+
+def test_ablation_no_background_never_predicts_background(voc, cache, tmp_path):
+    root, _ = voc
+    rc, _ = run("eval", "voc", "--root", str(root), "--backend", "color", "--cache", cache,
+                "--out", str(tmp_path), "--no-background")  # fmt: skip
+    assert rc == 0
+    data = json.loads((tmp_path / "voc21.json").read_text())
+    assert data["settings"]["no_background"] is True
+    matrix = np.array(data["confusion_matrix"])
+    assert matrix[:, 0].sum() == 0  # no pixel predicted as background
+    assert matrix[0].sum() > 0 and data["per_class"]["background"]["IoU"] == 0.0
+    assert data["mIoU"] < 100.0
+
+
+def test_ablation_no_prefilter_keeps_every_class(voc, cache, tmp_path):
+    root, written = voc
+    image = root / "VOCdevkit" / "VOC2012" / "JPEGImages" / f"{written[0].image_id}.jpg"
+    for flags, kept in (([], "some"), (["--no-prefilter"], "all")):
+        out = tmp_path / kept
+        rc, _ = run("segment", str(image), "--vocab", "voc", "--out", str(out),
+                    "--backend", "color", "--cache", cache, *flags)  # fmt: skip
+        assert rc == 0
+        record = json.loads((out / f"{written[0].image_id}.json").read_text())
+        if kept == "all":
+            assert record["kept"] == VOC_NAMES
+        else:
+            assert len(record["kept"]) < len(VOC_NAMES)
+
+
+def test_ablation_extractor_subset_and_class_mean_banks(voc, tmp_path, capsys):
+    root, _ = voc
+    cache = str(tmp_path / "cache")
+    rc, _ = run("eval", "voc", "--root", str(root), "--backend", "color", "--cache", cache,
+                "--out", str(tmp_path / "r"), "--extractors", "color")  # fmt: skip
+    assert rc == 0
+    assert json.loads((tmp_path / "r" / "voc21.json").read_text())["mIoU"] == 100.0
+    # one extractor: a support set and one bank per class
+    assert len(list(Path(cache).rglob("*.safetensors"))) == 20 * 2
+    rc, out = run("build", "voc", "--backend", "color", "--cache", cache,
+                  "--extractors", "color", "--class-mean-only")  # fmt: skip
+    assert rc == 0
+    assert "20 built, 0 from cache" in out  # new banks under their own keys
+    assert len(list(Path(cache).rglob("*.safetensors"))) == 20 * 3
+    rc, _ = run("build", "cat", "--backend", "color", "--extractors", "dino,color")
+    assert rc == 2
+    assert "['color', 'color2']" in capsys.readouterr().err

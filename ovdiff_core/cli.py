@@ -189,6 +189,9 @@ def build_vocabulary(model: OVDiff, names: Sequence[str], quiet: bool = False) -
                         bar.total = event.total
                     if event.stage == "support":
                         bar.update(event.done - bar.n)
+                        bar.set_postfix_str("cached" if event.cached else "generating")
+                    elif event.stage == "bank":
+                        bar.set_postfix_str(f"bank {event.extractor} ready")
                     if event.warning:
                         row.warning = event.warning
                     if event.stage == "done":

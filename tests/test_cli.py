@@ -261,3 +261,13 @@ def test_ablation_extractor_subset_and_class_mean_banks(voc, tmp_path, capsys):
     rc, _ = run("build", "cat", "--backend", "color", "--extractors", "dino,color")
     assert rc == 2
     assert "['color', 'color2']" in capsys.readouterr().err
+
+
+def test_progress_bars_overall_and_per_class_on_stderr(tmp_path, capsys):
+    out = io.StringIO()
+    rc = main(["build", "cat,sofa", "--backend", "color", "--cache", str(tmp_path)], stdout=out)
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "classes: 100%" in err and "2/2" in err  # the overall bar
+    assert "  cat: 100%" in err and "16/16" in err and "bank color2 ready" in err
+    assert "|" not in out.getvalue().splitlines()[-1]  # stdout ends with the totals line

@@ -336,8 +336,8 @@ def _encode_shared(m: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
     # Renumber the nodes by depth: node ids of one depth are one contiguous range.
     order = sorted(range(len(parent)), key=depth.__getitem__)
     new_id = [0] * len(order)
-    for k, i in enumerate(order):
-        new_id[i] = k
+    for rank, i in enumerate(order):
+        new_id[i] = rank
     depth_s = [depth[i] for i in order]
     parent_s = [new_id[parent[i]] if parent[i] >= 0 else -1 for i in order]
     leaf = [new_id[i] for i in leaf]

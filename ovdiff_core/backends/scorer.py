@@ -376,23 +376,25 @@ def _encode_shared(m: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
         att = torch.empty(x.shape[0], width, dtype=x.dtype, device=dev)
         for d, path in enumerate(paths):
             lo, hi = starts[d], starts[d + 1]
-            rows = torch.arange(lo, hi, device=dev)
-            if last:
-                rows = rows[slot[lo:hi] >= 0]
-                if len(rows) == 0:
+            if last:  # the leaves of this depth, by their row in x
+                keep = slot[lo:hi] >= 0
+                if not bool(keep.any()):
                     continue
-                path, dst = path[rows - lo], slot[rows]
-            else:
-                dst = rows
+                path, dst = path[keep], slot[lo:hi][keep]
             step = max(1, _GATHER_KEYS // (d + 1))  # bounds the gathered keys' memory
-            for i in range(0, len(rows), step):
-                p_i, dst_i = path[i : i + step], dst[i : i + step]
-                n = len(dst_i)
+            for i in range(0, path.shape[0], step):
+                p_i = path[i : i + step]
+                n = p_i.shape[0]
                 g = kv[p_i].view(n, d + 1, 2, heads, hd)
-                q = qkv[dst_i, :width].view(n, heads, 1, hd)
+                # (not last: rows lo + i .. lo + i + n - 1, slices rather than gathers)
+                q = qkv[dst[i : i + step], :width] if last else qkv[lo + i : lo + i + n, :width]
                 k = g[:, :, 0].transpose(1, 2)
                 v = g[:, :, 1].transpose(1, 2)
-                att[dst_i] = F.scaled_dot_product_attention(q, k, v).reshape(n, width)
+                o = F.scaled_dot_product_attention(q.reshape(n, heads, 1, hd), k, v)
+                if last:
+                    att[dst[i : i + step]] = o.reshape(n, width)
+                else:
+                    att[lo + i : lo + i + n] = o.reshape(n, width)
         x = x + b.ls_1(a.out_proj(att))
         x = x + b.ls_2(b.mlp(b.ln_2(x)))
     # After the last layer x holds the leaves (in ``leaves`` order).

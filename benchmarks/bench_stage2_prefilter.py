@@ -17,8 +17,10 @@ side by side in one run (issue 8).
 2. ``build_bank`` peak memory: 8 support images x 7680-d x 64x64 float32 features (1 GB,
    the stand-in for SD features), foreground a disc of about 30% of each image, the
    paper's K = 32. Each variant runs in a fresh subprocess; the peak is ``VmHWM`` of
-   ``/proc/self/status`` after the call minus ``VmRSS`` just before it (torch's
-   allocations are invisible to tracemalloc), printed as a multiple of the feature
+   ``/proc/self/status`` after the call minus ``VmRSS`` just before it, with the
+   high-water mark reset just before the call (``echo 5 > /proc/self/clear_refs``, so the
+   features' own construction does not count; torch's allocations are invisible to
+   tracemalloc), printed as a multiple of the feature
    bytes, plus the total (features included) and the wall time. Previous code = the
    former ``build_bank``, kept below as ``previous_build_bank`` (a permuted copy of all
    features, then a copy of each region's rows). The banks are compared (max abs diff).
@@ -172,6 +174,7 @@ def peak_child(variant: str, n: int, d: int, g: int, out: str) -> None:
     (previous_build_bank if variant == "previous" else _new_vectors)(
         small_support, small_feats, config
     )
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (earlier peaks out)
     base = _status("VmRSS")
     t0 = time.perf_counter()
     vectors = (previous_build_bank if variant == "previous" else _new_vectors)(

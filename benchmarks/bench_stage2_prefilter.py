@@ -16,7 +16,8 @@ side by side in one run (issue 8).
    token length and each batch cut after its longest prompt. Both keep the same set.
 2. ``build_bank`` peak memory: 8 support images x 7680-d x 64x64 float32 features (1 GB,
    the stand-in for SD features), foreground a disc of about 30% of each image, the
-   paper's K = 32. Each variant runs in a fresh subprocess; the peak is ``VmHWM`` of
+   paper's K = 32. Each variant runs in a fresh subprocess (after a one-image warm-up
+   call at the same D and grid); the peak is ``VmHWM`` of
    ``/proc/self/status`` after the call minus ``VmRSS`` just before it, with the
    high-water mark reset just before the call (``echo 5 > /proc/self/clear_refs``, so the
    features' own construction does not count; torch's allocations are invisible to
@@ -170,10 +171,13 @@ def peak_child(variant: str, n: int, d: int, g: int, out: str) -> None:
     """Run one build_bank variant and write its peak memory, time and vectors."""
     support, feats = _bank_inputs(n, d, g)
     config = PrototypeConfig()
-    small_support, small_feats = _bank_inputs(2, d, 4)  # first use of every kernel
+    # First use of every kernel at full size (one image), so that the libraries' code
+    # pages they fault in (part of VmRSS) are in place before the measured call.
+    small_support, small_feats = _bank_inputs(1, d, g)
     (previous_build_bank if variant == "previous" else _new_vectors)(
         small_support, small_feats, config
     )
+    del small_feats
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (earlier peaks out)
     base = _status("VmRSS")
     t0 = time.perf_counter()

@@ -50,8 +50,9 @@ class ClipScorer:
             position and model width, about 200 MB for ViT-B/16 by default).
         image_cache_size: image embeddings kept.
         text_cache_size: text embeddings kept (least recently used ones are dropped).
-        share_prefixes: run each distinct token prefix once (exact; False runs every
-            prompt through ``encode_text``, the reference for tests and benchmarks).
+        share_prefixes: run each distinct token prefix once (exact to float rounding).
+            False is the previous path, kept as a reference for tests and benchmarks:
+            prompts sorted by token length, each call cut after its longest prompt.
     """
 
     def __init__(
@@ -174,7 +175,6 @@ class ClipScorer:
             tokens = self.tokenizer(missing)
             lengths = _token_lengths(tokens)
             rows = tokens.tolist()
-            # Lexicographic token order keeps prompts with common prefixes together.
             if self.share_prefixes:  # lexicographic: prompts with common prefixes together
                 order = sorted(range(len(missing)), key=lambda j: rows[j][: int(lengths[j])])
             else:  # by length: little padding in each call
@@ -213,7 +213,8 @@ class ClipScorer:
             while common < min(len(seq), len(prev)) and seq[common] == prev[common]:
                 common += 1
             grow = len(seq) - common
-            if not groups or len(groups[-1]) >= self.batch_size or size + grow > self.max_positions:
+            full = self.share_prefixes and size + grow > self.max_positions
+            if not groups or len(groups[-1]) >= self.batch_size or full:
                 groups.append([])
                 size, grow = 0, len(seq)
             groups[-1].append(j)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -37,33 +39,126 @@ def region_to_grid(mask: np.ndarray, grid_size: tuple[int, int]) -> np.ndarray:
     return np.logical_or.reduceat(rows, cell_edges(w, gw)[:-1], axis=2)
 
 
+class _RegionRows:
+    """The features of a region's cells as :class:`~ovdiff_core.kmeans.Rows`, read from
+    the (N, D, gh, gw) feature tensor without a (cells, D) copy.
+
+    Row j is the float32 feature vector of flat cell ``cells[j]`` (index into
+    ``N * gh * gw``, image-major, ascending). Chunks stay within one image and cover a
+    contiguous run of its cells, so a pass reads each feature once; they are transposed
+    views of (D, m) blocks (strides (1, m)).
+    """
+
+    def __init__(self, feats: torch.Tensor, cells: np.ndarray) -> None:
+        n, d, gh, gw = feats.shape
+        self.source = feats
+        # K-means may hold a copy of its seeding subsample up to this size (elements).
+        self.spare_elements = feats.numel() // 10
+        self._buffer: torch.Tensor | None = None
+        self.feats = feats.reshape(n, d, gh * gw)  # a view for contiguous features
+        self.hw = gh * gw
+        self.cells = torch.from_numpy(cells)
+        img = cells // self.hw
+        # [start, end) of each image's cells in ``cells``
+        self.bounds = np.searchsorted(img, np.arange(n + 1)).tolist()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.cells.shape[0]), int(self.feats.shape[1]))
+
+    def image_chunks(self, i: int, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """Chunks of image ``i``'s cells: (offset into the rows, (m, D) float32)."""
+        lo_i, hi_i = self.bounds[i], self.bounds[i + 1]
+        for lo in range(lo_i, hi_i, max(1, rows)):
+            pos = self.cells[lo : min(hi_i, lo + rows)] - i * self.hw
+            first = int(pos[0])
+            span = self.feats[i, :, first : int(pos[-1]) + 1]  # (D, span) view
+            m, d = len(pos), span.shape[0]
+            if self._buffer is None or self._buffer.numel() < d * rows:
+                self._buffer = torch.empty(d * max(1, rows), dtype=span.dtype)
+            block = self._buffer[: d * m].view(d, m)  # reused: no allocator churn
+            torch.index_select(span, 1, pos - first, out=block)
+            # (m, D) as a transposed view of the gathered (D, m) columns: no transpose
+            # copy; matrix products and row sums read it as it is. Valid until the next.
+            yield lo, block.to(torch.float32).T
+
+    def chunks(self, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        for i in range(len(self.bounds) - 1):
+            yield from self.image_chunks(i, rows)
+
+    def dots(self, c: torch.Tensor) -> torch.Tensor:
+        """(n, t) products of every row with the t rows of ``c`` (t, D), computed on each
+        image's span of cells in place (no gather: reads the features once)."""
+        out = torch.empty(self.shape[0], c.shape[0], dtype=torch.float32)
+        for i in range(len(self.bounds) - 1):
+            lo, hi = self.bounds[i], self.bounds[i + 1]
+            if hi == lo:
+                continue
+            pos = self.cells[lo:hi] - i * self.hw
+            first = int(pos[0])
+            span = self.feats[i, :, first : int(pos[-1]) + 1]
+            if span.dtype != torch.float32:
+                span = span.to(torch.float32)
+            out[lo:hi] = torch.mm(c, span).index_select(1, pos - first).T
+        return out
+
+    def subset(self, index: torch.Tensor) -> _RegionRows:
+        """The rows ``index`` (ascending) as a source of their own."""
+        return _RegionRows(self.source, self.cells[index].numpy())
+
+    def take(self, index: torch.Tensor) -> torch.Tensor:
+        cells = self.cells[index]
+        return self.feats[cells // self.hw, :, cells % self.hw].to(torch.float32).contiguous()
+
+
+# Elements per chunk when averaging a region (float32: 8 MB).
+_MEAN_ELEMENTS = 1 << 21
+
+
+def _mean(blocks: Iterator[tuple[int, torch.Tensor]], d: int) -> torch.Tensor:
+    """(D,) float32 mean of the rows of ``blocks`` (float64 sums)."""
+    total = torch.zeros(d, dtype=torch.float64)
+    count = 0
+    for _, block in blocks:
+        total += block.sum(0, dtype=torch.float64)
+        count += block.shape[0]
+    return (total / count).to(torch.float32)
+
+
 def _region_prototypes(
-    feats: torch.Tensor, flat_cells: np.ndarray, n_cells_per_image: int, config: PrototypeConfig
+    feats: torch.Tensor, flat_cells: np.ndarray, config: PrototypeConfig
 ) -> tuple[list[torch.Tensor], list[int], list[int], list[np.ndarray]]:
-    """Prototypes of one region (fg or bg) as (vectors, kinds, image index, members)."""
+    """Prototypes of one region (fg or bg) as (vectors, kinds, image index, members).
+
+    Reads the region's features in chunks from ``feats`` (N, D, gh, gw): no copy of the
+    region's (cells, D) features is made, so memory stays near the features' own size.
+    """
     vecs: list[torch.Tensor] = []
     kinds: list[int] = []
     images: list[int] = []
     members: list[np.ndarray] = []
     if len(flat_cells) == 0:
         return vecs, kinds, images, members
-    x = feats[torch.from_numpy(flat_cells)]
+    rows = _RegionRows(feats, flat_cells)
+    n_img, d = feats.shape[0], feats.shape[1]
+    step = max(1, _MEAN_ELEMENTS // d)
     if config.class_level:
-        vecs.append(x.mean(0))
+        vecs.append(_mean(rows.chunks(step), d))
         kinds.append(PrototypeKind.CLASS)
         images.append(-1)
         members.append(flat_cells)
     if config.instance_level:
-        img_of = flat_cells // n_cells_per_image
-        for i in np.unique(img_of):
-            sel = img_of == i
-            vecs.append(x[torch.from_numpy(sel)].mean(0))
+        for i in range(n_img):
+            lo, hi = rows.bounds[i], rows.bounds[i + 1]
+            if hi == lo:
+                continue
+            vecs.append(_mean(rows.image_chunks(i, step), d))
             kinds.append(PrototypeKind.INSTANCE)
-            images.append(int(i))
-            members.append(flat_cells[sel])
+            images.append(i)
+            members.append(flat_cells[lo:hi])
     if config.part_level and config.n_parts > 0:
         km = kmeans(
-            x,
+            rows,
             config.n_parts,
             seed=config.seed,
             max_iter=config.kmeans_max_iter,
@@ -98,6 +193,13 @@ def build_bank(
         A :class:`PrototypeBank` with foreground prototypes first (class, instances,
         parts), then background ones in the same order. Empty regions give no prototypes.
         Vectors are L2-normalised; each is the exact mean of its member cells' features.
+
+    Memory: the features are read in place, chunk by chunk (class and instance means,
+    every K-means pass), so the extra memory is a few chunks of about 8 MB plus the
+    K-means seeding subsample (at most 8192 cells) when that is under a tenth of the
+    features (else the seeding reads it from the features at each step), not a copy of
+    the features. A non-contiguous ``features`` is copied once into (N, D, gh * gw)
+    layout; float16 is converted chunk by chunk.
     """
     config = config or PrototypeConfig()
     if features.ndim != 4 or features.shape[0] != len(support):
@@ -105,8 +207,8 @@ def build_bank(
             f"build_bank: features must be (N={len(support)}, D, gh, gw), got "
             f"{tuple(features.shape)}"
         )
-    _, d, gh, gw = features.shape
-    flat_feats = features.detach().to(torch.float32).permute(0, 2, 3, 1).reshape(-1, d)
+    _, _, gh, gw = features.shape
+    feats = features.detach()
     all_vecs: list[torch.Tensor] = []
     fg_flags: list[bool] = []
     kinds: list[int] = []
@@ -115,7 +217,7 @@ def build_bank(
     for is_fg, mask in ((True, support.foreground), (False, support.background)):
         grid = region_to_grid(mask, (gh, gw))
         flat_cells = np.flatnonzero(grid.reshape(-1)).astype(np.int64)
-        v, k, i, m = _region_prototypes(flat_feats, flat_cells, gh * gw, config)
+        v, k, i, m = _region_prototypes(feats, flat_cells, config)
         all_vecs += v
         kinds += k
         images += i

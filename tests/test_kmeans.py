@@ -174,3 +174,36 @@ def test_inertia_and_means_stay_exact_with_a_large_common_offset() -> None:
     check_invariants(x, res)
     direct = float((x.double() - res.centroids.double()[res.labels]).square().sum())
     assert res.inertia == pytest.approx(direct, rel=1e-7)
+
+
+class ChunkedRows:
+    """A :class:`~ovdiff_core.kmeans.Rows` source that hands out copies in small chunks."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+        self.reads = 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.x.shape[0], self.x.shape[1])
+
+    def chunks(self, rows: int):
+        for lo in range(0, self.x.shape[0], 97):  # deliberately not the requested size
+            self.reads += 1
+            yield lo, self.x[lo : lo + 97].clone()
+
+    def take(self, index: torch.Tensor) -> torch.Tensor:
+        return self.x[index].clone()
+
+
+@pytest.mark.parametrize("n", [500, 9000])  # without and with the seeding subsample
+def test_a_chunked_rows_source_gives_the_tensor_result(n: int) -> None:
+    x = torch.from_numpy(blobs(n, 24, 6, 2.0, seed=3))
+    ref = kmeans(x, 8, seed=2)
+    rows = ChunkedRows(x)
+    res = kmeans(rows, 8, seed=2)
+    assert rows.reads > 0
+    assert torch.equal(res.labels, ref.labels) and res.n_iter == ref.n_iter
+    torch.testing.assert_close(res.centroids, ref.centroids, rtol=0, atol=1e-6)
+    assert res.inertia == pytest.approx(ref.inertia, rel=1e-9)
+    check_invariants(x, res)

@@ -107,3 +107,91 @@ def test_prefilter_with_clip_scorer(scorer):
     n = len(result.candidates)
     assert len(result.subset_scores) == (2**n - 1 if n > 1 else 0)
     assert scorer.image_encoder_calls == 1  # the image is embedded once for both stages
+
+
+def _distinct_prefixes(tokens: torch.Tensor) -> int:
+    """Distinct token prefixes (up to and including the end token) of tokenized prompts."""
+    lengths = (tokens.argmax(-1) + 1).tolist()
+    rows = zip(tokens.tolist(), lengths, strict=True)
+    return len({tuple(row[:i]) for row, n in rows for i in range(1, n + 1)})
+
+
+def test_shared_prefixes_run_once_and_match_the_full_encoder(model, tokenizer):
+    """Every distinct token prefix runs once; embeddings equal the untruncated 77-token
+    ``encode_text`` to 1e-5, for subset prompts and for unrelated prompts of mixed length."""
+    names = ["cat", "traffic light", "sofa", "potted plant", "tv"]
+    texts = [
+        " and ".join(f"a {n}" for j, n in enumerate(names) if mask >> j & 1)
+        for mask in range(1, 2 ** len(names))
+    ]
+    texts += ["a cat", "A  Cat", "x", "a photo of " + "a very long prompt " * 20, "a"]
+    scorer = ClipScorer(model, tokenizer, model_id="tiny-clip")
+    emb = scorer.text_embeddings(texts)
+    tokens = tokenizer(texts)
+    with torch.no_grad():
+        ref = F.normalize(model.encode_text(tokens), dim=-1)
+    torch.testing.assert_close(emb, ref, atol=1e-5, rtol=1e-5)
+    distinct = _distinct_prefixes(tokenizer(list(dict.fromkeys(texts))))
+    assert scorer.text_positions == distinct
+    assert distinct < 0.5 * int((tokens.argmax(-1) + 1).sum())  # the sharing is real
+    assert scorer.text_encoder_calls == 1
+
+
+def test_position_budget_splits_calls_and_stays_exact(model, tokenizer):
+    names = [f"thing{i}" for i in range(6)]
+    texts = [
+        " and ".join(f"a {n}" for j, n in enumerate(names) if mask >> j & 1)
+        for mask in range(1, 64)
+    ]
+    small = ClipScorer(model, tokenizer, max_positions=80)
+    emb = small.text_embeddings(texts)
+    assert small.text_encoder_calls > 1
+    big = ClipScorer(model, tokenizer)
+    torch.testing.assert_close(emb, big.text_embeddings(texts), atol=1e-5, rtol=1e-5)
+    assert big.text_encoder_calls == 1 and big.text_positions < small.text_positions
+    reference = ClipScorer(model, tokenizer, share_prefixes=False, batch_size=16)
+    torch.testing.assert_close(emb, reference.text_embeddings(texts), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="max_positions"):
+        ClipScorer(model, tokenizer, max_positions=10)
+
+
+def test_text_cache_drops_the_least_recently_used(model, tokenizer):
+    scorer = ClipScorer(model, tokenizer, text_cache_size=3)
+    scorer.text_embeddings(["a cat", "a dog", "a sofa"])
+    scorer.text_embeddings(["a cat"])  # cat is now the most recently used
+    scorer.text_embeddings(["a lamp"])  # evicts dog only
+    calls = scorer.text_encoder_calls
+    scorer.text_embeddings(["a cat", "a sofa", "a lamp"])
+    assert scorer.text_encoder_calls == calls, "recent prompts stay cached"
+    scorer.text_embeddings(["a dog"])
+    assert scorer.text_encoder_calls == calls + 1, "the least recently used one was dropped"
+
+
+def test_prefilter_keeps_the_same_set_as_the_reference_encoder(model, tokenizer):
+    """Ten candidates (1023 subset prompts): the kept set and every subset score equal
+    those of the per-prompt encoder."""
+    names = ["person", "bicycle", "car", "motorcycle", "airplane"]
+    names += ["bus", "train", "truck", "boat", "traffic light"]
+    singles = [f"a {n}" for n in names]
+
+    class AllPass:  # every class passes the first step: 10 candidates
+        def __init__(self, inner: ClipScorer) -> None:
+            self.inner = inner
+
+        def image_text_scores(self, image, texts):
+            if list(texts) == singles:
+                return np.zeros(len(texts), dtype=np.float32)
+            return self.inner.image_text_scores(image, texts)
+
+    fast = AllPass(ClipScorer(model, tokenizer))
+    slow = AllPass(ClipScorer(model, tokenizer, share_prefixes=False))
+    for seed in range(3):
+        image = _image(seed=10 + seed)
+        a = prefilter(image, names, fast, max_classes=10)
+        b = prefilter(image, names, slow, max_classes=10)
+        assert a.candidates == names and len(a.subset_scores) == 1023
+        assert a.kept == b.kept
+        assert list(a.subset_scores) == list(b.subset_scores)
+        np.testing.assert_allclose(
+            list(a.subset_scores.values()), list(b.subset_scores.values()), atol=1e-5
+        )

@@ -182,3 +182,20 @@ def save_tiny_model_repos(root: Any) -> None:
     (root / "clip" / "open_clip_config.json").write_text(json.dumps(config))
     state = {k: v.contiguous() for k, v in tiny_open_clip(seed=0).state_dict().items()}
     save_file(state, root / "clip" / "open_clip_model.safetensors")
+
+
+def loop_miou(pairs: Sequence[tuple[np.ndarray, np.ndarray]], num_classes: int) -> float:
+    """TP/FP/FN per class with explicit loops over pixels; mIoU over classes present."""
+    tp, fp, fn = np.zeros(num_classes), np.zeros(num_classes), np.zeros(num_classes)
+    for pred, gt in pairs:
+        for p, g in zip(pred.ravel().tolist(), gt.ravel().tolist(), strict=True):
+            if g == 255:
+                continue
+            if p == g:
+                tp[g] += 1
+            else:
+                fn[g] += 1
+                if 0 <= p < num_classes:
+                    fp[p] += 1
+    ious = [tp[c] / (tp[c] + fp[c] + fn[c]) for c in range(num_classes) if tp[c] + fp[c] + fn[c]]
+    return sum(ious) / len(ious)

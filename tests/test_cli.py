@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tomllib
+from helpers import loop_miou
 from PIL import Image
 
 from ovdiff_core.cli import main, make_model, resolve_vocabulary
@@ -39,22 +40,6 @@ def cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("cache"))
 
 
-def _loop_miou(pairs, num_classes):
-    """Independent mIoU: explicit TP/FP/FN counting over pixels, classes present only."""
-    tp, fp, fn = [0] * num_classes, [0] * num_classes, [0] * num_classes
-    for pred, gt in pairs:
-        for p, g in zip(pred.ravel().tolist(), gt.ravel().tolist(), strict=True):
-            if g == 255:
-                continue
-            if p == g:
-                tp[g] += 1
-            else:
-                fn[g] += 1
-                fp[p] += 1
-    ious = [tp[c] / (tp[c] + fp[c] + fn[c]) for c in range(num_classes) if tp[c] + fp[c] + fn[c]]
-    return sum(ious) / len(ious)
-
-
 @pytest.mark.parametrize("dataset", ["voc", "voc20"])
 def test_eval_on_grid_aligned_scenes_is_100(voc, cache, tmp_path, dataset):
     root, _ = voc
@@ -82,7 +67,7 @@ def test_eval_with_known_annotation_errors_and_limit(cache, tmp_path):
     data = json.loads((tmp_path / "res" / "voc21.json").read_text())
     assert data["n_images"] == 4
     # a perfect model predicts the painting; the first two annotations name another class
-    expected = _loop_miou([(w.painted, w.label) for w in written[:4]], 21)
+    expected = loop_miou([(w.painted, w.label) for w in written[:4]], 21)
     assert expected < 0.95
     assert data["exact"]["mIoU"] == pytest.approx(expected, abs=1e-12)
 

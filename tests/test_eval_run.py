@@ -2,8 +2,8 @@
 
 import math
 
-import numpy as np
 import pytest
+from helpers import loop_miou
 
 from ovdiff_core.config import SegmentConfig
 from ovdiff_core.evaluation.datasets import VOCSegmentation, class_names
@@ -30,23 +30,6 @@ def model():
     return m
 
 
-def _independent_miou(pairs, num_classes):
-    """TP/FP/FN per class with explicit loops over pixels; mIoU over classes present."""
-    tp, fp, fn = np.zeros(num_classes), np.zeros(num_classes), np.zeros(num_classes)
-    for pred, gt in pairs:
-        for p, g in zip(pred.ravel().tolist(), gt.ravel().tolist(), strict=True):
-            if g == 255:
-                continue
-            if p == g:
-                tp[g] += 1
-            else:
-                fn[g] += 1
-                if 0 <= p < num_classes:
-                    fp[p] += 1
-    ious = [tp[c] / (tp[c] + fp[c] + fn[c]) for c in range(num_classes) if tp[c] + fp[c] + fn[c]]
-    return sum(ious) / len(ious)
-
-
 @pytest.mark.parametrize("background", [True, False])
 def test_grid_aligned_scenes_score_100(tmp_path, model, background):
     write_synthetic_voc(tmp_path, color_world(NAMES), NAMES, n_images=5, seed=2)
@@ -67,6 +50,6 @@ def test_mislabelled_annotations_give_the_independently_computed_miou(tmp_path, 
     m = evaluate(model, ds, NAMES, ds.class_names, True).metrics
     # a perfect model predicts what was painted; the annotations disagree on two objects
     val = [w for w in written if w.split == "val"]
-    expected = _independent_miou([(w.painted, w.label) for w in val], 21)
+    expected = loop_miou([(w.painted, w.label) for w in val], 21)
     assert expected < 0.95
     assert m.miou == pytest.approx(expected, abs=1e-12)

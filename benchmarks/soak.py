@@ -25,8 +25,6 @@ import argparse
 import contextlib
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,11 +36,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from demo.testing import run_app  # noqa: E402
 
 
 def _rss_mib(pid: int) -> float:
@@ -82,75 +76,57 @@ def main() -> None:
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the app")
     args = parser.parse_args()
 
-    from gradio_client import Client, handle_file
-
     work = Path(tempfile.mkdtemp(prefix="ovdiff-soak-"))
     cache, gtemp, tiles = work / "cache", work / "gradio-tmp", work / "tiles"
     for d in (cache, gtemp, tiles):
         d.mkdir()
     scene = work / "scene.png"
     _scene(args.side, scene)
-    port = _free_port()
-    env = dict(os.environ)
-    env.update(
-        OVDIFF_CACHE=str(cache),
-        GRADIO_TEMP_DIR=str(gtemp),
-        TMPDIR=str(tiles),  # the app's tile folder is made with tempfile.mkdtemp
-        GRADIO_ANALYTICS_ENABLED="False",
-        HF_HUB_OFFLINE="1",
-        PYTHONUNBUFFERED="1",
-    )
-    env.update(dict(kv.split("=", 1) for kv in args.env))
-    cmd = [sys.executable, str(ROOT / "app.py"), "--backend", "color", "--port", str(port)]
-    log = open(work / "app.log", "wb")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    print(f"# app pid {proc.pid}, {url}, work folder {work}")
+    env = {
+        "GRADIO_TEMP_DIR": str(gtemp),
+        "TMPDIR": str(tiles),  # the app's tile folder is made with tempfile.mkdtemp
+        **dict(kv.split("=", 1) for kv in args.env),
+    }
     leave = "stay connected" if args.keep_open else "leave after segmenting"
     print(f"# settings: {' '.join(args.env) or 'defaults'}; image {args.side} px; visitors {leave}")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                Client(url, verbose=False, download_files=False)
-                break
-            except Exception:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"the app did not start; see {work / 'app.log'}") from None
-                time.sleep(1)
-        cols = ("visitors", "names built", "RSS MiB", "cache MiB", "tiles MiB", "Gradio temp MiB")
-        print("| " + " | ".join(cols) + " | s/visitor |")
-        print("|" + "---|" * 7)
-        open_clients: list[Client] = []
-        start = time.monotonic()
-        last = start
-        print(f"| 0 | 0 | {_rss_mib(proc.pid):.0f} | 0 | 0 | 0 | - |")
-        for v in range(1, args.visitors + 1):
-            client = Client(url, verbose=False, download_files=False)
-            client.predict(f"soak name {v}", [], "cpu", 4, api_name="/build")
-            client.predict(handle_file(str(scene)), api_name="/segment")
-            if args.keep_open:
-                open_clients.append(client)
-            else:
-                client.close()
-            if v % args.every == 0 or v == args.visitors:
-                now = time.monotonic()
-                per = (now - last) / args.every
-                last = now
-                print(
-                    f"| {v} | {v} | {_rss_mib(proc.pid):.0f} | {_du_mib(cache):.1f} | "
-                    f"{_du_mib(tiles):.1f} | {_du_mib(gtemp):.1f} | {per:.2f} |",
-                    flush=True,
-                )
-        print(f"# total {time.monotonic() - start:.0f} s")
+        with run_app("color", cache_dir=cache, env=env) as app:
+            _visit(app.url, app.process.pid, args, scene, cache, tiles, gtemp)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _visit(
+    url: str, pid: int, args: argparse.Namespace, scene: Path, cache: Path, tiles: Path, gtemp: Path
+) -> None:
+    """Play the visitors against the app at ``url`` (process ``pid``), printing the table."""
+    from gradio_client import Client, handle_file
+
+    cols = ("visitors", "names built", "RSS MiB", "cache MiB", "tiles MiB", "Gradio temp MiB")
+    print("| " + " | ".join(cols) + " | s/visitor |")
+    print("|" + "---|" * 7)
+    open_clients: list[Client] = []
+    start = time.monotonic()
+    last = start
+    print(f"| 0 | 0 | {_rss_mib(pid):.0f} | 0 | 0 | 0 | - |")
+    for v in range(1, args.visitors + 1):
+        client = Client(url, verbose=False, download_files=False)
+        client.predict(f"soak name {v}", [], "cpu", 4, api_name="/build")
+        client.predict(handle_file(str(scene)), api_name="/segment")
+        if args.keep_open:
+            open_clients.append(client)
+        else:
+            client.close()
+        if v % args.every == 0 or v == args.visitors:
+            now = time.monotonic()
+            per = (now - last) / args.every
+            last = now
+            print(
+                f"| {v} | {v} | {_rss_mib(pid):.0f} | {_du_mib(cache):.1f} | "
+                f"{_du_mib(tiles):.1f} | {_du_mib(gtemp):.1f} | {per:.2f} |",
+                flush=True,
+            )
+    print(f"# total {time.monotonic() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ __all__ = [
     "click_image_pixel",
     "free_port",
     "run_app",
+    "segment_in_page",
     "sim_src",
     "wait_for_chart",
     "wait_for_trace_change",
@@ -75,6 +76,7 @@ class RunningApp:
         url: where it answers, e.g. ``http://127.0.0.1:51234/``.
         cache_dir: its ``OVDIFF_CACHE`` folder.
         log: path of its combined stdout/stderr.
+        process: the app's process (its pid for memory readings).
     """
 
     url: str
@@ -89,6 +91,7 @@ def run_app(
     cache_dir: str | os.PathLike[str] | None = None,
     timeout: float = 180.0,
     extra_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> Iterator[RunningApp]:
     """Start ``app.py`` on 127.0.0.1 and a free port; stop it on exit.
 
@@ -97,13 +100,15 @@ def run_app(
         cache_dir: ``OVDIFF_CACHE`` for the app (default: a fresh temporary folder,
             removed afterwards).
         timeout: seconds to wait for the page to answer.
+        extra_args: more command-line arguments for ``app.py``.
+        env: more environment variables for the app (e.g. ``OVDIFF_*`` settings).
     """
     own = cache_dir is None
     cache = Path(tempfile.mkdtemp(prefix="ovdiff-cache-")) if own else Path(cache_dir)  # type: ignore[arg-type]
     port = free_port()
     log = cache.parent / f"ovdiff-app-{port}.log"
-    env = dict(os.environ)
-    env.update(
+    app_env = {**os.environ, **(env or {})}
+    app_env.update(
         OVDIFF_CACHE=str(cache),
         GRADIO_ANALYTICS_ENABLED="False",
         HF_HUB_OFFLINE="1",
@@ -120,7 +125,7 @@ def run_app(
         *extra_args,
     ]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=app_env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + timeout
@@ -193,6 +198,20 @@ _CHART_DONE_JS = """([x, y]) => {
   return !!(gd && gd.layout && gd.layout.meta === x + ',' + y && gd._fullLayout
             && gd.querySelector('g.point'));
 }"""
+
+
+def segment_in_page(page: Any, image: str | os.PathLike[str]) -> None:
+    """Open tab 3, upload ``image``, press Segment and wait until the legend and the
+    segmentation overlay have loaded."""
+    page.get_by_role("tab", name="3 · Segment & trace").click()
+    page.set_input_files("#upload input[type=file]", str(image))
+    page.wait_for_selector("#upload img")
+    page.click("#segment")
+    page.wait_for_selector("#legend .ovd-legend", timeout=120_000)
+    page.wait_for_function(
+        "() => { const i = document.querySelector('#overlay img');"
+        " return i && i.complete && i.naturalWidth > 0; }"
+    )
 
 
 def sim_src(page: Any) -> str:

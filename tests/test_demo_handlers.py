@@ -516,18 +516,9 @@ def test_error_pop_ups_escape_the_names_they_echo(color_app: DemoApp, name: str)
 
 
 def test_upload_is_decoded_once_for_check_and_segment(
-    color_app: DemoApp, built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    color_app: DemoApp, built, tmp_path: Path, decoded_uploads: list[str]
 ) -> None:
-    import demo.inputs
-
-    calls: list[str] = []
-    real_open = demo.inputs._open
-
-    def counting_open(value):
-        calls.append(str(value))
-        return real_open(value)
-
-    monkeypatch.setattr(demo.inputs, "_open", counting_open)
+    calls = decoded_uploads
     path = tmp_path / "scene.png"
     Image.open(SCENE).save(path)
     color_app.check_segment(str(path), built[0])

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import demo.inputs
 from demo.inputs import (
     MAX_CATEGORIES,
     MAX_DECODE_PIXELS,
@@ -343,17 +342,8 @@ def test_array_to_rgb_is_bounded() -> None:
     assert peak < 2.5 * out.nbytes, peak  # the uint8 result plus small chunks
 
 
-def test_load_upload_decodes_each_file_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    calls: list[str] = []
-    real_open = demo.inputs._open
-
-    def counting_open(value):
-        calls.append(str(value))
-        return real_open(value)
-
-    monkeypatch.setattr(demo.inputs, "_open", counting_open)
+def test_load_upload_decodes_each_file_once(tmp_path: Path, decoded_uploads: list[str]) -> None:
+    calls = decoded_uploads
     path = _save(tmp_path, Image.new("RGB", (40, 30), (1, 2, 3)), "a.png")
     first = load_upload(path)
     second = load_upload(path)

@@ -12,7 +12,13 @@ from typing import Any
 
 import pytest
 
-from demo.testing import ROOT, click_image_pixel, sim_src, wait_for_trace_change
+from demo.testing import (
+    ROOT,
+    click_image_pixel,
+    segment_in_page,
+    sim_src,
+    wait_for_trace_change,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -39,15 +45,7 @@ def test_hostile_category_name_shows_as_text_and_runs_nothing(
     assert "Ready:" in status.inner_text()
     built = status.inner_text()
 
-    page.get_by_role("tab", name="3 · Segment & trace").click()
-    page.set_input_files("#upload input[type=file]", str(IMAGE[backend]))
-    page.wait_for_selector("#upload img")
-    page.click("#segment")
-    page.wait_for_selector("#legend .ovd-legend", timeout=120_000)
-    page.wait_for_function(
-        "() => { const i = document.querySelector('#overlay img');"
-        " return i && i.complete && i.naturalWidth > 0; }"
-    )
+    segment_in_page(page, IMAGE[backend])
     assert HOSTILE in page.locator("#legend").inner_text()
     old = sim_src(page)
     x, y = click_image_pixel(page, "#overlay", 40, 40)

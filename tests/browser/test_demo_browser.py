@@ -22,6 +22,7 @@ from demo.testing import (
     ROOT,
     RunningApp,
     click_image_pixel,
+    segment_in_page,
     sim_src,
     wait_for_chart,
     wait_for_trace_change,
@@ -136,15 +137,7 @@ def test_build_fills_the_gallery_batch_by_batch(page: Any, backend: str, artifac
 
 
 def test_segment_shows_overlay_and_legend(page: Any, backend: str, artifacts: Path) -> None:
-    _open_tab(page, "3 · Segment & trace")
-    page.set_input_files("#upload input[type=file]", str(IMAGE[backend]))
-    page.wait_for_selector("#upload img")
-    page.click("#segment")
-    page.wait_for_selector("#legend .ovd-legend", timeout=120_000)
-    page.wait_for_function(
-        "() => { const i = document.querySelector('#overlay img');"
-        " return i && i.complete && i.naturalWidth > 0; }"
-    )
+    segment_in_page(page, IMAGE[backend])
     size = page.evaluate(
         "() => { const i = document.querySelector('#overlay img');"
         " return [i.naturalWidth, i.naturalHeight]; }"

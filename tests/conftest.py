@@ -11,9 +11,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-import pytest
-
-
 @pytest.fixture
 def decoded_uploads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every file the demo decodes during the test (``demo.inputs._open`` calls), in order."""

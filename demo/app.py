@@ -437,13 +437,11 @@ class DemoApp:
         most ``hosting.gpu_max_seconds`` (estimated from the preset's settings)."""
         limit = self.max_support
         if self.hosting.zero_gpu:
-            from types import SimpleNamespace
-
             from demo.hosting import max_support_for
             from ovdiff_core.backends.presets import PRESETS as PRESET_CONFIGS
 
             config = PRESET_CONFIGS[preset].generation
-            fits = max_support_for(SimpleNamespace(config=config), self.hosting.gpu_max_seconds)
+            fits = max_support_for(config, self.hosting.gpu_max_seconds)
             limit = min(limit, fits)
         return max(SUPPORT_SIZE_MIN, limit)
 
@@ -487,7 +485,10 @@ class DemoApp:
             cached = model.is_cached(name)
         except ValueError:
             cached = False
-        seconds = build_seconds(model.generator, size, cached=cached)
+        generator = model.generator
+        config = getattr(generator, "config", None)
+        n_images = size or int(getattr(config, "n_images", getattr(generator, "n_images", 8)))
+        seconds = build_seconds(config, n_images, cached=cached)
         return min(seconds, self.hosting.gpu_max_seconds)
 
     def segment_seconds(self, upload: Any, session: Session) -> int:

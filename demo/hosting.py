@@ -84,42 +84,33 @@ def gpu(duration: int | Callable[..., int]) -> Callable[[Callable[..., Any]], Ca
     return identity
 
 
-def _generation_settings(generator: Any) -> tuple[int, int, int, bool]:
-    """(images, steps, resolution, guided) of a generator, with stand-ins' defaults."""
-    cfg = getattr(generator, "config", None)
-    n = int(getattr(cfg, "n_images", getattr(generator, "n_images", 8)))
-    steps = int(getattr(cfg, "steps", 1))
-    side = int(getattr(cfg, "resolution", 512))
-    guided = float(getattr(cfg, "guidance_scale", 1.0)) > 1.0
-    return n, steps, side, guided
-
-
-def build_seconds(generator: Any, n_images: int | None = None, cached: bool = False) -> int:
-    """GPU seconds to ask for to build one category with ``generator``'s settings.
+def build_seconds(config: Any, n_images: int, cached: bool = False) -> int:
+    """GPU seconds to ask for to build one category.
 
     Args:
-        generator: the model's support generator (an SD generator's ``config`` gives
-            steps, resolution and guidance; stand-ins count as one 512 px step).
-        n_images: support-set size if not the generator's own.
+        config: the generator's settings (a ``GenerationConfig``: steps, resolution and
+            guidance), or None for a stand-in generator (one unguided 512 px step).
+        n_images: support-set size.
         cached: the support set and banks are cached: only loading, no generation.
 
     Returns:
         whole seconds, at least 15, including a 1.5x safety margin.
     """
-    n, steps, side, guided = _generation_settings(generator)
-    n = n_images or n
     if cached:
         return 15
+    steps = int(getattr(config, "steps", 1))
+    side = int(getattr(config, "resolution", 512))
+    guided = float(getattr(config, "guidance_scale", 1.0)) > 1.0
     scale = (side / 512) ** 2 * (1.0 if guided else 0.5)  # unguided: half the UNet batch
-    work = n * (steps * SECONDS_PER_IMAGE_STEP * scale + SECONDS_PER_IMAGE_FEATURES)
+    work = n_images * (steps * SECONDS_PER_IMAGE_STEP * scale + SECONDS_PER_IMAGE_FEATURES)
     return max(15, math.ceil(SAFETY * (GPU_OVERHEAD_SECONDS + work)))
 
 
-def max_support_for(generator: Any, limit_seconds: int) -> int:
+def max_support_for(config: Any, limit_seconds: int) -> int:
     """Largest support-set size whose build of one category fits in ``limit_seconds``."""
     best = 1
     for n in range(1, 257):
-        if build_seconds(generator, n) > limit_seconds:
+        if build_seconds(config, n) > limit_seconds:
             break
         best = n
     return best

@@ -14,11 +14,6 @@ from demo.models import backend_info, make_model_factory
 from ovdiff_core.backends.generator import GenerationConfig
 
 
-class _Gen:
-    def __init__(self, **cfg):
-        self.config = GenerationConfig(**cfg)
-
-
 def test_defaults_off_spaces_offer_everything(tmp_path):
     cfg = HostingConfig.from_env({}, zero_gpu=False, cuda=False, data_dir=tmp_path / "none")
     assert cfg.presets == ("cpu", "paper") and cfg.max_support == 64
@@ -58,11 +53,11 @@ def test_owner_settings_and_their_errors(tmp_path):
 
 
 def test_gpu_seconds_follow_the_work():
-    paper = _Gen()  # 32 images x 30 guided steps at 512 px
-    turbo = _Gen(steps=1, guidance_scale=0.0, n_images=8)
-    assert build_seconds(paper) > 60 > build_seconds(turbo)  # the default 60 s would abort
+    paper = GenerationConfig()  # 30 guided steps at 512 px
+    turbo = GenerationConfig(steps=1, guidance_scale=0.0)
+    assert build_seconds(paper, 32) > 60 > build_seconds(turbo, 8)  # 60 s would abort it
     assert build_seconds(paper, 64) > build_seconds(paper, 32) > build_seconds(paper, 8)
-    assert build_seconds(paper, cached=True) == 15
+    assert build_seconds(paper, 32, cached=True) == 15
     fits = max_support_for(paper, 120)
     assert build_seconds(paper, fits) <= 120 < build_seconds(paper, fits + 1)
     assert segment_seconds(19, 3) > segment_seconds(1, 2) >= 10

@@ -55,8 +55,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ovdiff_core.config import SegmentConfig
 from ovdiff_core.kmeans import kmeans
 from ovdiff_core.segment import segment, view_boxes
+from ovdiff_core.standins import FixedExtractor, random_categories
 from ovdiff_core.trace import trace
-from ovdiff_core.types import Category, PrototypeBank, PrototypeKind, SupportSet
+from ovdiff_core.types import Category
 
 # the module, not the function the package exports under the same name
 segment_module = importlib.import_module("ovdiff_core.segment")
@@ -114,104 +115,6 @@ def bench_kmeans(quick: bool) -> list[Row]:
 
 
 # --------------------------------------------------------------------------- scoring
-
-
-class FixedExtractor:
-    """Returns fixed random features of the right grid size (no model cost)."""
-
-    def __init__(self, name: str, dim: int, stride: int, seed: int) -> None:
-        self.name, self.dim, self.stride, self.seed = name, dim, stride, seed
-        self._feats: dict[tuple[int, int], torch.Tensor] = {}
-
-    def spec(self) -> dict[str, object]:
-        return {"name": self.name, "dim": self.dim, "stride": self.stride}
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        h, w = images.shape[2:]
-        grid = (-(-h // self.stride), -(-w // self.stride))
-        if grid not in self._feats:
-            g = torch.Generator().manual_seed(self.seed * 1000 + grid[0] * 7 + grid[1])
-            self._feats[grid] = torch.randn(1, self.dim, *grid, generator=g)
-        return self._feats[grid].expand(images.shape[0], -1, -1, -1)
-
-
-def random_bank(
-    category: str,
-    ex: FixedExtractor,
-    n_images: int,
-    image_px: int,
-    n_parts: int,
-    seed: int,
-    fg_fraction: float = 0.3,
-    bg_fraction: float = 0.5,
-) -> PrototypeBank:
-    """A bank shaped like a real one: fg then bg, each 1 class + N instance + K parts.
-
-    Members are real: random disjoint fg / bg cell sets over the support grid; instance
-    prototypes own their image's cells, parts a random partition of all region cells.
-    """
-    g = torch.Generator().manual_seed(seed)
-    gh = gw = image_px // ex.stride
-    per_image = gh * gw
-    perm = torch.randperm(n_images * per_image, generator=g)
-    n_fg = int(fg_fraction * len(perm))
-    n_bg = int(bg_fraction * len(perm))
-    regions = (perm[:n_fg].sort().values, perm[n_fg : n_fg + n_bg].sort().values)
-    members: list[torch.Tensor] = []
-    kinds: list[int] = []
-    images: list[int] = []
-    fg: list[bool] = []
-    for is_fg, cells in zip((True, False), regions, strict=True):
-        image_of = cells // per_image
-        members.append(cells)
-        kinds.append(PrototypeKind.CLASS)
-        images.append(-1)
-        for i in range(n_images):
-            members.append(cells[image_of == i])
-            kinds.append(PrototypeKind.INSTANCE)
-            images.append(i)
-        part = torch.randint(n_parts, (len(cells),), generator=g)
-        for j in range(n_parts):
-            members.append(cells[part == j])
-            kinds.append(PrototypeKind.PART)
-            images.append(-1)
-        fg += [is_fg] * (1 + n_images + n_parts)
-    offsets = torch.zeros(len(members) + 1, dtype=torch.long)
-    offsets[1:] = torch.cumsum(torch.tensor([len(m) for m in members]), 0)
-    vectors = F.normalize(torch.randn(len(members), ex.dim, generator=g), dim=1)
-    return PrototypeBank(
-        category=category,
-        extractor=ex.name,
-        vectors=vectors,
-        foreground=torch.tensor(fg),
-        kinds=torch.tensor(kinds, dtype=torch.int8),
-        image_index=torch.tensor(images, dtype=torch.int32),
-        member_offsets=offsets,
-        member_cells=torch.cat(members).long(),
-        grid_size=(gh, gw),
-        image_size=(image_px, image_px),
-    )
-
-
-def make_categories(
-    extractors: list[FixedExtractor], n_classes: int, n_images: int, image_px: int, parts: int
-) -> list[Category]:
-    empty = np.zeros((n_images, image_px, image_px), dtype=bool)
-    support = SupportSet(
-        "support",
-        np.zeros((n_images, image_px, image_px, 3), dtype=np.uint8),
-        np.zeros((n_images, image_px, image_px), dtype=np.float32),
-        empty,
-        empty,
-    )
-    cats = []
-    for c in range(n_classes):
-        banks = {
-            ex.name: random_bank(f"class{c}", ex, n_images, image_px, parts, 1000 * c + k)
-            for k, ex in enumerate(extractors)
-        }
-        cats.append(Category(f"class{c}", banks, support))
-    return cats
 
 
 def baseline_segment(
@@ -277,7 +180,7 @@ def bench_scoring(quick: bool) -> list[Row]:
         FixedExtractor("clip", 768, 16, 2),
     ]
     # 20 classes x (1 + 32 + 32) fg + as many bg = 130 prototypes per class and extractor
-    cats = make_categories(extractors, n_classes, n_images=32, image_px=64, parts=32)
+    cats = random_categories(extractors, n_classes, n_images=32, image_px=64, n_parts=32)
     image = np.random.default_rng(0).integers(0, 256, (448, 448, 3), dtype=np.uint8)
     rows: list[Row] = []
     for windows in (False, True):
@@ -325,7 +228,7 @@ def bench_trace(quick: bool) -> list[Row]:
         FixedExtractor("clip", 64, 16, 2),
     ]
     n_images = 8 if quick else 32
-    cats = make_categories(extractors, 10, n_images=n_images, image_px=512, parts=32)
+    cats = random_categories(extractors, 10, n_images=n_images, image_px=512, n_parts=32)
     image = np.random.default_rng(1).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     seg = segment(image, cats, extractors, SegmentConfig(windows=True, prefilter=False))
     rng = np.random.default_rng(2)

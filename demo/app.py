@@ -841,7 +841,7 @@ class DemoApp:
             raise gr.Error("Segment an image first; score maps belong to a segmentation.")
         out = []
         for k, name in enumerate(seg.class_names):
-            s = seg.scores[k]
+            s = seg.score_map(k)
             out.append(
                 (
                     render.colorize(s),
@@ -886,13 +886,14 @@ class DemoApp:
     def trace_chart(self, seg: Segmentation | None, index: Sequence[Any] | None) -> Any:
         """Plotly bar chart of every label's score at the clicked pixel (background first).
 
-        The bars are ``seg.scores[:, y, x]``, the numbers :func:`ovdiff_core.trace`
+        The bars are ``seg.scores_at(x, y)``, the numbers :func:`ovdiff_core.trace`
         reports as ``class_scores``; read directly so that this chart, the costliest
         part of the panel for a browser to draw, is computed in a parallel call.
         """
         x, y = _checked(click_point, index, seg.size if seg is not None else None)
         assert seg is not None
-        scores = {n: float(seg.scores[k, y, x]) for k, n in enumerate(seg.class_names)}
+        at = seg.scores_at(x, y)
+        scores = {n: float(at[k]) for k, n in enumerate(seg.class_names)}
         label = seg.class_names[int(seg.labels[y, x])]
         return render.scores_figure(scores, seg.class_names, label, point=(x, y))
 

@@ -8,15 +8,25 @@ How a score is made (and why a click can be explained exactly):
    prototype of the kept classes is computed; per label channel (0 = background, the union
    of the kept classes' background prototypes; c >= 1 = class c's foreground prototypes)
    the maximum is kept together with the prototype that attained it. Values <= the score
-   floor become 0.
-3. Each view's cell maps are interpolated bilinearly (cell centres, edge-clamped, like
-   ``align_corners=False``) straight onto the *input* pixels whose centres fall inside
-   the view, using separable interpolation matrices, summed, and divided by the number of
-   (view, extractor) pairs covering the pixel.
+   floor become 0. These per-cell records (:class:`ViewRecord`) are all a
+   :class:`Segmentation` keeps of the models' output.
+3. A channel's score at an *input* pixel is the bilinear blend (cell centres, edge-clamped,
+   like ``align_corners=False``) of each covering pass's cell map at the pixel's centre,
+   averaged over the (view, extractor) passes covering the pixel.
 
 So every score at every pixel is a weighted sum of single-prototype cosines at single
-cells; :mod:`ovdiff_core.trace` recomputes that sum for one pixel from the per-cell
-records kept here and names the prototype that contributed most.
+cells; :mod:`ovdiff_core.trace` recomputes that sum for one pixel from the records and
+names the prototype that contributed most.
+
+Cost and memory. Only the label map is computed eagerly, block by block, and only for
+the channels that can win in a block: a bilinear blend is a convex combination, so at
+every pixel of a tile a channel's score lies between the average (over passes) of its
+smallest and of its largest cell value among the cells the tile taps. A channel whose
+upper bound is below another channel's lower bound cannot win anywhere in the tile and is
+skipped. Score maps, the scores at one pixel and similarity maps are computed from the
+records on request (:meth:`Segmentation.score_map`, :meth:`Segmentation.scores_at`), with
+the same float32 operations in the same order, so they are bit-for-bit the numbers the
+labels were taken from.
 """
 
 from __future__ import annotations
@@ -24,8 +34,9 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,11 +47,23 @@ from ovdiff_core.prefilter import PrefilterResult, prefilter
 from ovdiff_core.protocols import FeatureExtractor, ImageTextScorer
 from ovdiff_core.types import Category, PrototypeBank
 
-__all__ = ["ScoringSet", "Segmentation", "ViewRecord", "segment"]
+__all__ = ["ScoringSet", "Segmentation", "SimilarityMaps", "ViewRecord", "segment"]
 
 # Longest accepted side ratio: the short side is resized to 448 px, so a 2x1000 image
 # would otherwise become 448x224,000 px.
 MAX_ASPECT = 10
+
+# Working-set sizes, in float32 elements: one block of blended scores while labelling
+# (channels x pixels), and one chunk of prototype-by-cell cosines while scoring a view.
+BLOCK_ELEMENTS = 4 << 20
+SIMS_ELEMENTS = 16 << 20
+# Tiles (input pixels a side) on which channels that cannot win are pruned, and the
+# fixed cost of blending one more block, in channel-pixels (a few dozen small calls).
+TILE = 32
+BLOCK_OVERHEAD = 50_000
+# A channel is kept in a tile unless its upper bound is this far below the best lower
+# bound; larger than the float32 rounding of a score (about 1e-6).
+PRUNE_MARGIN = 1e-5
 
 
 @dataclass
@@ -52,8 +75,9 @@ class ViewRecord:
         box: (top, left, height, width) of the view in processed-image pixels.
         values: (C + 1, h, w) float32; per label channel and feature cell the best
             prototype cosine after the score floor (channel 0 = background).
-        winners: (C + 1, h, w) int64; index into the extractor's :class:`ScoringSet` of
-            the prototype that attained ``values`` (-1 where the channel has none).
+        winners: (C + 1, h, w) int16 (int32 when the scoring set has 32,767 or more
+            prototypes); index into the extractor's :class:`ScoringSet` of the prototype
+            that attained ``values`` (-1 where the channel has none).
     """
 
     extractor: str
@@ -83,14 +107,48 @@ class ScoringSet:
     dropped_by_stuff: int = 0  # background prototypes removed by the stuff filter
 
 
+class SimilarityMaps:
+    """Whole-image-view cosine maps of the prototypes that can explain a pixel.
+
+    Only prototypes that some pixel's trace can name are kept: those that won their
+    channel at a cell tapped by a pixel carrying that channel's label. ``maps[q]`` is the
+    (h, w) float16 cosine of scoring-set prototype ``q`` over the whole view's grid.
+    """
+
+    def __init__(self, index: torch.Tensor, maps: torch.Tensor) -> None:
+        """``index``: (K,) int64 scoring-set indices; ``maps``: (K, h, w) float16."""
+        self.index = index
+        self.maps = maps
+        self._row = {int(q): k for k, q in enumerate(index.tolist())}
+
+    def __getitem__(self, q: int) -> torch.Tensor:
+        row = self._row.get(int(q))
+        if row is None:
+            raise KeyError(
+                f"no similarity map for prototype {int(q)}: it explains no pixel of this "
+                "segmentation"
+            )
+        return self.maps[row]
+
+    def __contains__(self, q: object) -> bool:
+        return isinstance(q, (int, np.integer)) and int(q) in self._row
+
+    def __len__(self) -> int:
+        return len(self._row)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.maps.numel() * self.maps.element_size() + self.index.numel() * 8)
+
+
 @dataclass
 class Segmentation:
     """Result of :func:`segment`: everything needed to display and trace it.
 
     Attributes:
         image: (H, W, 3) uint8, the input image.
-        labels: (H, W) int64; 0 = background, i >= 1 = ``class_names[i]``.
-        scores: (C + 1, H, W) float32 in [0, 1]; channel 0 = background.
+        labels: (H, W) uint8 (int32 beyond 256 labels); 0 = background, i >= 1 =
+            ``class_names[i]``.
         class_names: ``["background", kept class names...]``.
         categories: the kept :class:`Category` objects, in label order (index i - 1).
         queried: every class name that was asked for, in the given order.
@@ -98,14 +156,17 @@ class Segmentation:
         processed_size: (H', W') of the processed (resized) image.
         views: every (view, extractor) pass; see :class:`ViewRecord`.
         scoring: ``{extractor name: ScoringSet}``.
-        whole_view_sims: ``{extractor name: (Q, h, w) float16}`` cosine of every scored
-            prototype over the whole-image view's grid (for similarity maps).
+        whole_view_sims: ``{extractor name: SimilarityMaps}``; ``[extractor][q]`` is the
+            (h, w) float16 cosine of prototype ``q`` over the whole-image view's grid, for
+            every prototype a trace can name.
         config: the settings used.
+
+    Scores are not stored: :meth:`score_map`, :meth:`scores_at` and :attr:`scores` compute
+    them from ``views`` (exactly the numbers ``labels`` is the argmax of).
     """
 
     image: np.ndarray
     labels: np.ndarray
-    scores: np.ndarray
     class_names: list[str]
     categories: list[Category]
     queried: list[str]
@@ -113,7 +174,7 @@ class Segmentation:
     processed_size: tuple[int, int]
     views: list[ViewRecord]
     scoring: dict[str, ScoringSet]
-    whole_view_sims: dict[str, torch.Tensor]
+    whole_view_sims: dict[str, SimilarityMaps]
     config: SegmentConfig = field(default_factory=SegmentConfig)
 
     @property
@@ -125,13 +186,68 @@ class Segmentation:
     def extractors(self) -> list[str]:
         return list(self.scoring)
 
-    def view_boxes(self) -> list[tuple[int, int, int, int]]:
-        """Distinct view boxes (top, left, height, width), whole image first."""
-        seen: list[tuple[int, int, int, int]] = []
+    def _field(self) -> _ScoreField:
+        key = (id(self.views), len(self.views), self.size, self.processed_size)
+        got = self.__dict__.get("_score_field")
+        if got is None or got.key != key:
+            got = _ScoreField(self.views, self.size, self.processed_size)
+            self.__dict__["_score_field"] = got
+        return got
+
+    def score_map(self, channel: int) -> np.ndarray:
+        """(H, W) float32 score of one label channel (0 = background) at every pixel."""
+        n = len(self.class_names)
+        if isinstance(channel, bool) or not isinstance(channel, (int, np.integer)):
+            raise ValueError(f"score_map: channel must be an integer label, got {channel!r}")
+        if not 0 <= int(channel) < n:
+            raise ValueError(f"score_map: channel {channel} is not a label; need 0..{n - 1}")
+        return self._field().dense([int(channel)])[0]
+
+    def scores_at(self, x: int, y: int) -> np.ndarray:
+        """(C + 1,) float32 score of every channel at input pixel (x = column, y = row)."""
+        h, w = self.size
+        if not (0 <= int(x) < w and 0 <= int(y) < h):
+            raise ValueError(f"scores_at: ({x}, {y}) is outside the {w}x{h} image")
+        return np.asarray(
+            self._field().block(None, int(y), int(y) + 1, int(x), int(x) + 1)[:, 0, 0]
+        )
+
+    @property
+    def scores(self) -> np.ndarray:
+        """(C + 1, H, W) float32 scores of every channel, background first.
+
+        Computed on first use and kept: (C + 1) x H x W x 4 bytes, 600 MB for 150 classes
+        at 1024x1024. Prefer :meth:`score_map` or :meth:`scores_at` where they do.
+        """
+        got = self.__dict__.get("_scores")
+        if got is None:
+            got = self._field().dense(None)
+            self.__dict__["_scores"] = got
+        return got
+
+    def object_labels(self) -> np.ndarray:
+        """(H, W) int64 best *object* channel (>= 1) at every pixel, background ignored.
+
+        The prediction of the literature's protocols without a background class (VOC20,
+        Pascal Context 59); equal to ``scores[1:].argmax(0) + 1``. All zeros if no class
+        was kept.
+        """
+        if len(self.class_names) < 2:
+            return np.zeros(self.size, dtype=np.int64)
+        return self._field().argmax(list(range(1, len(self.class_names)))).astype(np.int64)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this segmentation holds itself (not its categories' banks)."""
+        total = self.image.nbytes + self.labels.nbytes
         for v in self.views:
-            if v.box not in seen:
-                seen.append(v.box)
-        return seen
+            total += v.values.numel() * v.values.element_size()
+            total += v.winners.numel() * v.winners.element_size()
+        for s in self.scoring.values():
+            total += sum(t.numel() * t.element_size() for t in (s.channel, s.source, s.bank_index))
+        total += sum(m.nbytes for m in self.whole_view_sims.values())
+        cached = self.__dict__.get("_scores")
+        return total + (cached.nbytes if cached is not None else 0)
 
 
 # --------------------------------------------------------------------------- geometry
@@ -181,33 +297,350 @@ def pixel_centres(n_input: int, n_processed: int) -> np.ndarray:
     return (np.arange(n_input, dtype=np.float64) + 0.5) * (n_processed / n_input)
 
 
-def interp_matrix(coords: np.ndarray, start: int, length: int, cells: int) -> np.ndarray:
-    """Bilinear weights from a view's cell grid to points along one axis.
+def bilinear_taps(
+    coords: np.ndarray, start: int, length: int, cells: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The two cells each point blends, along one axis of a view: the one geometry that
+    scores, traces and similarity maps share.
 
     Args:
-        coords: (n,) processed-image coordinates of the points (inside the view).
+        coords: (n,) processed-image coordinates of the points.
         start, length: the view's extent on this axis, processed pixels.
         cells: the view's feature grid size on this axis.
 
     Returns:
-        (n, cells) float64; each row has at most two non-zero weights summing to 1
-        (cell centres at ``start + (i + 0.5) * length / cells``, clamped at the edges).
+        lo, hi (n,) int64 cells and frac (n,) float64: a point takes ``1 - frac`` of cell
+        ``lo`` and ``frac`` of cell ``hi`` (cell centres at
+        ``start + (i + 0.5) * length / cells``, clamped at the edges, so ``hi == lo`` and
+        ``frac == 0`` beyond the outer centres).
     """
-    u = (coords - start) * (cells / length) - 0.5
-    u = np.clip(u, 0.0, cells - 1)
-    i0 = np.floor(u).astype(np.int64)
-    i1 = np.minimum(i0 + 1, cells - 1)
-    w1 = u - i0
+    u = np.clip((coords - start) * (cells / length) - 0.5, 0.0, cells - 1)
+    lo = np.floor(u).astype(np.int64)
+    return lo, np.minimum(lo + 1, cells - 1), u - lo
+
+
+def interp_matrix(coords: np.ndarray, start: int, length: int, cells: int) -> np.ndarray:
+    """Bilinear weights from a view's cell grid to points along one axis.
+
+    Returns:
+        (n, cells) float64; row i holds :func:`bilinear_taps`' two weights of point i
+        (at most two non-zero entries, summing to 1).
+    """
+    lo, hi, w1 = bilinear_taps(coords, start, length, cells)
     m = np.zeros((len(coords), cells), dtype=np.float64)
     rows = np.arange(len(coords))
-    m[rows, i0] += 1.0 - w1
-    m[rows, i1] += w1
+    m[rows, lo] += 1.0 - w1
+    m[rows, hi] += w1
     return m
 
 
 def covered(coords: np.ndarray, start: int, length: int) -> np.ndarray:
     """Indices of points whose centre lies in ``[start, start + length)``."""
     return np.flatnonzero((coords >= start) & (coords < start + length))
+
+
+# --------------------------------------------------------------------------- score field
+
+
+@dataclass
+class _Span:
+    """The input pixels one pass covers along one axis, ``start:stop`` (contiguous), and
+    their bilinear taps into the pass's grid, as numpy arrays on the CPU or tensors on
+    another device (whichever the pass's records are)."""
+
+    start: int
+    stop: int
+    lo: Any  # (stop - start,) int64 cells
+    hi: Any  # (stop - start,) int64 cells
+    w0: Any  # (stop - start,) float32 weights of lo
+    w1: Any  # (stop - start,) float32 weights of hi
+
+    @staticmethod
+    def build(
+        coords: np.ndarray, start: int, length: int, cells: int, device: torch.device, numpy: bool
+    ) -> _Span | None:
+        idx = covered(coords, start, length)
+        if len(idx) == 0:
+            return None
+        lo, hi, frac = bilinear_taps(coords[idx], start, length, cells)
+        arrays: tuple[Any, ...] = (lo, hi, (1.0 - frac).astype(np.float32), frac.astype(np.float32))
+        if not numpy:
+            arrays = tuple(torch.from_numpy(x).to(device) for x in arrays)
+        return _Span(int(idx[0]), int(idx[-1]) + 1, *arrays)
+
+    def clip(self, a: int, b: int) -> tuple[int, int]:
+        """``[a, b)`` intersected with the span (empty when ``a >= b``)."""
+        return max(a, self.start), min(b, self.stop)
+
+    def torch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``lo`` and ``hi`` as tensors."""
+        return torch.as_tensor(self.lo), torch.as_tensor(self.hi)
+
+
+def _take(x: Any, index: Any, axis: int) -> Any:
+    """``x`` gathered at ``index`` along ``axis``: numpy's ``take`` (much faster than
+    torch's ``index_select`` on the CPU), ``index_select`` on other devices."""
+    if isinstance(x, np.ndarray):
+        return np.take(x, index, axis=axis)
+    return x.index_select(axis, index)
+
+
+def _range_reduce(
+    grid: torch.Tensor, first: torch.Tensor, last: torch.Tensor, dim: int, largest: bool
+) -> torch.Tensor:
+    """Max (or min) of ``grid`` along ``dim`` over each inclusive index range
+    ``first[t]..last[t]``; the result has ``len(first)`` entries along ``dim``."""
+    out = grid.index_select(dim, first)
+    longest = int((last - first).max()) + 1 if len(first) else 0
+    for step in range(1, longest):
+        more = grid.index_select(dim, torch.minimum(first + step, last))
+        out = torch.maximum(out, more) if largest else torch.minimum(out, more)
+    return out
+
+
+class _ScoreField:
+    """The scores of a segmentation as a function of its per-cell records.
+
+    ``block`` blends the records of every pass onto a rectangle of input pixels; all
+    other methods call it, so every number comes from the same float32 operations in the
+    same order whatever the rectangle or channel subset. On the CPU it works on numpy
+    views of the records, elsewhere on the tensors where they are.
+    """
+
+    def __init__(
+        self,
+        views: Sequence[ViewRecord],
+        size: tuple[int, int],
+        processed: tuple[int, int],
+        values: Sequence[torch.Tensor] | None = None,
+        numpy: bool | None = None,
+    ) -> None:
+        """``values``: the passes' value grids when they are to be read from another
+        device than ``views``' (segmenting on a GPU); by default ``views[i].values``.
+        ``numpy``: blend with numpy (default on the CPU) or with torch (elsewhere)."""
+        self.key = (id(views), len(views), size, processed)
+        self.size = size
+        ys, xs = pixel_centres(size[0], processed[0]), pixel_centres(size[1], processed[1])
+        grids = [v.values for v in views] if values is None else list(values)
+        self.device = grids[0].device if grids else torch.device("cpu")
+        self.cpu = self.device.type == "cpu" if numpy is None else numpy
+        self.passes: list[tuple[torch.Tensor, _Span, _Span]] = []
+        self.pass_view: list[int] = []  # index in ``views`` of each pass
+        for vi, (v, grid) in enumerate(zip(views, grids, strict=True)):
+            top, left, vh, vw = v.box
+            gh, gw = v.grid_size
+            rows = _Span.build(ys, top, vh, gh, self.device, self.cpu)
+            cols = _Span.build(xs, left, vw, gw, self.device, self.cpu)
+            if rows is not None and cols is not None:
+                self.passes.append((grid, rows, cols))
+                self.pass_view.append(vi)
+        self.n_channels = int(views[0].values.shape[0]) if views else 1
+
+    def block(self, channels: Sequence[int] | None, r0: int, r1: int, c0: int, c1: int) -> Any:
+        """(k, r1 - r0, c1 - c0) float32 scores of ``channels`` (all when None) on input
+        rows ``r0:r1`` and columns ``c0:c1``: a numpy array on the CPU, else a tensor on
+        the records' device."""
+        k = self.n_channels if channels is None else len(channels)
+        shape = (k, r1 - r0, c1 - c0)
+        if self.cpu:
+            acc: Any = np.zeros(shape, dtype=np.float32)
+            count: Any = np.zeros(shape[1:], dtype=np.float32)
+            pick: Any = None if channels is None else np.asarray(channels, dtype=np.int64)
+        else:
+            acc = torch.zeros(shape, device=self.device)
+            count = torch.zeros(shape[1:], device=self.device)
+            pick = None if channels is None else torch.tensor(channels, device=self.device)
+        for grid, rows, cols in self.passes:
+            a, b = rows.clip(r0, r1)
+            c, d = cols.clip(c0, c1)
+            if a >= b or c >= d:
+                continue
+            i, j = slice(a - rows.start, b - rows.start), slice(c - cols.start, d - cols.start)
+            lo_c, hi_c = cols.lo[j], cols.hi[j]
+            first, last = int(lo_c[0]), int(hi_c[-1]) + 1  # grid columns this block taps
+            g: Any = grid.numpy() if self.cpu else grid
+            g = g[:, :, first:last] if pick is None else g[pick, :, first:last]
+            # columns first, on the small (k, h, columns) grid, then whole rows
+            t = _take(g, lo_c - first, 2)
+            t *= cols.w0[j]
+            right = _take(g, hi_c - first, 2)
+            right *= cols.w1[j]
+            t += right
+            up = _take(t, rows.lo[i], 1)
+            up *= rows.w0[i][:, None]
+            down = _take(t, rows.hi[i], 1)
+            down *= rows.w1[i][:, None]
+            up += down
+            acc[:, a - r0 : b - r0, c - c0 : d - c0] += up
+            count[a - r0 : b - r0, c - c0 : d - c0] += 1.0
+        acc /= count
+        return acc
+
+    def _row_bands(self, k: int) -> Iterator[tuple[int, int]]:
+        h, w = self.size
+        step = max(1, BLOCK_ELEMENTS // max(1, k * w))
+        for r in range(0, h, step):
+            yield r, min(h, r + step)
+
+    def dense(self, channels: Sequence[int] | None) -> np.ndarray:
+        """(k, H, W) float32 scores of ``channels`` (all when None), as numpy on the CPU."""
+        h, w = self.size
+        k = self.n_channels if channels is None else len(channels)
+        out = np.empty((k, h, w), dtype=np.float32)
+        for r0, r1 in self._row_bands(k):
+            got = self.block(channels, r0, r1, 0, w)
+            out[:, r0:r1] = got if self.cpu else got.cpu().numpy()
+        return out
+
+    def edges(self, axis: int) -> np.ndarray:
+        """Tile boundaries along an axis (0 = rows, 1 = columns) of the input image: every
+        ``TILE`` pixels and wherever a pass's coverage starts or stops, so that each pass
+        covers every tile wholly or not at all."""
+        n = self.size[axis]
+        cuts = {0, n, *range(TILE, n, TILE)}
+        for _, rows, cols in self.passes:
+            span = rows if axis == 0 else cols
+            cuts.update((span.start, span.stop))
+        return np.array(sorted(cuts), dtype=np.int64)
+
+    def bounds(
+        self, channels: torch.Tensor, row_edges: np.ndarray, col_edges: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Lower and upper bounds, (k, tile rows, tile cols) float32, of every channel's
+        score on each tile (see :meth:`edges`).
+
+        Per pass, the blend at a pixel lies between the smallest and largest of the cells
+        the tile's pixels tap; the score, an average over the passes covering the tile,
+        lies between the averages of those extremes.
+        """
+        k, nt, nu = len(channels), len(row_edges) - 1, len(col_edges) - 1
+        dev = self.device
+        upper = torch.zeros(k, nt, nu, device=dev)
+        lower = torch.zeros(k, nt, nu, device=dev)
+        passes = torch.zeros(nt, nu, device=dev)
+        for grid, rows, cols in self.passes:
+            rt, r_first, r_last = _tile_cells(rows, row_edges, dev)
+            ct, c_first, c_last = _tile_cells(cols, col_edges, dev)
+            g = grid.index_select(0, channels)
+            hi = _range_reduce(_range_reduce(g, r_first, r_last, 1, True), c_first, c_last, 2, True)
+            lo = _range_reduce(
+                _range_reduce(g, r_first, r_last, 1, False), c_first, c_last, 2, False
+            )
+            upper[:, rt[0] : rt[-1] + 1, ct[0] : ct[-1] + 1] += hi
+            lower[:, rt[0] : rt[-1] + 1, ct[0] : ct[-1] + 1] += lo
+            passes[rt[0] : rt[-1] + 1, ct[0] : ct[-1] + 1] += 1.0
+        return lower / passes, upper / passes
+
+    def argmax(self, channels: Sequence[int]) -> np.ndarray:
+        """(H, W) best of ``channels`` (ascending) at every pixel, the first on ties.
+
+        Channels that cannot win a tile (see :meth:`bounds`) are not blended there; the
+        image is blended in blocks of whole tiles (see :class:`_Planner`), each with the
+        channels that can win in it.
+        """
+        h, w = self.size
+        ids = np.asarray(channels, dtype=np.int64)
+        labels = np.empty((h, w), dtype=np.uint8 if ids.max() < 256 else np.int32)
+        if len(ids) == 1:
+            labels[:] = ids[0]
+            return labels
+        if len(ids) * h * w <= BLOCK_ELEMENTS:  # small: nothing worth pruning
+            labels[:] = ids[self._best(ids, 0, h, w)]
+            return labels
+        row_edges, col_edges = self.edges(0), self.edges(1)
+        lower, upper = self.bounds(torch.from_numpy(ids).to(self.device), row_edges, col_edges)
+        live = upper >= lower.amax(0, keepdim=True) - PRUNE_MARGIN  # (k, tile rows, cols)
+        plan = _Planner(live.cpu().numpy(), row_edges, col_edges)
+        for t0, t1, u0, u1, keep in plan.blocks(0, len(row_edges) - 1, 0, len(col_edges) - 1):
+            r0, r1, c0, c1 = (
+                int(e) for e in (row_edges[t0], row_edges[t1], col_edges[u0], col_edges[u1])
+            )
+            sub = ids[keep]
+            got = self.block(sub.tolist(), r0, r1, c0, c1).argmax(0)
+            labels[r0:r1, c0:c1] = sub[got if self.cpu else got.cpu().numpy()]
+        return labels
+
+    def _best(self, ids: np.ndarray, r0: int, r1: int, w: int) -> np.ndarray:
+        """(r1 - r0, W) int64 position in ``ids`` of the best channel on rows r0:r1."""
+        got = self.block(ids.tolist(), r0, r1, 0, w).argmax(0)
+        return got if self.cpu else got.cpu().numpy()
+
+    def tapped(self, pass_index: int, integral: np.ndarray) -> np.ndarray:
+        """(h, w) bool: cells of a pass's grid that some pixel of a mask taps.
+
+        Args:
+            pass_index: index in ``passes``.
+            integral: the mask's :func:`_integral` table ((H + 1, W + 1)).
+        """
+        grid, rows, cols = self.passes[pass_index]
+        r_a, r_b = _tapping(rows, int(grid.shape[1]))
+        c_a, c_b = _tapping(cols, int(grid.shape[2]))
+        r_a, r_b = r_a[:, None], r_b[:, None]
+        count = integral[r_b, c_b] - integral[r_a, c_b] - integral[r_b, c_a] + integral[r_a, c_a]
+        return count > 0
+
+
+class _Planner:
+    """Splits the image into tile-aligned blocks to blend, each with the channels that
+    can win somewhere in it.
+
+    A block is halved (along its longer side, at a tile edge) when its work, channels x
+    pixels, exceeds ``BLOCK_ELEMENTS`` or when the halves' work plus the fixed cost of
+    one more block (``BLOCK_OVERHEAD`` element-equivalents) is smaller than its own.
+    """
+
+    def __init__(self, live: np.ndarray, row_edges: np.ndarray, col_edges: np.ndarray) -> None:
+        self.live, self.rows, self.cols = live, row_edges, col_edges
+
+    def _cost(self, t0: int, t1: int, u0: int, u1: int) -> tuple[int, np.ndarray]:
+        keep = np.asarray(self.live[:, t0:t1, u0:u1].any(axis=(1, 2)))
+        area = int(self.rows[t1] - self.rows[t0]) * int(self.cols[u1] - self.cols[u0])
+        return int(keep.sum()) * area, keep
+
+    def blocks(
+        self, t0: int, t1: int, u0: int, u1: int
+    ) -> Iterator[tuple[int, int, int, int, np.ndarray]]:
+        """(first tile row, end tile row, first tile col, end tile col, channel mask)."""
+        work, keep = self._cost(t0, t1, u0, u1)
+        if t1 - t0 == 1 and u1 - u0 == 1:
+            yield t0, t1, u0, u1, keep
+            return
+        tall = (self.rows[t1] - self.rows[t0] >= self.cols[u1] - self.cols[u0]) and t1 - t0 > 1
+        if tall or u1 - u0 == 1:
+            m = (t0 + t1) // 2
+            halves = [(t0, m, u0, u1), (m, t1, u0, u1)]
+        else:
+            m = (u0 + u1) // 2
+            halves = [(t0, t1, u0, m), (t0, t1, m, u1)]
+        split = sum(self._cost(*half)[0] for half in halves) + BLOCK_OVERHEAD
+        if work <= BLOCK_ELEMENTS and split >= work:
+            yield t0, t1, u0, u1, keep
+            return
+        for half in halves:
+            yield from self.blocks(*half)
+
+
+def _tile_cells(
+    span: _Span, edges: np.ndarray, device: torch.device
+) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """The tiles a span covers along one axis (``edges`` include its start and stop):
+    their indices and the first and last grid cell their pixels tap."""
+    first_tile = int(np.searchsorted(edges, span.start))
+    last_tile = int(np.searchsorted(edges, span.stop)) - 1
+    tiles = np.arange(first_tile, last_tile + 1)
+    lo, hi = span.torch()
+    a = torch.from_numpy(edges[tiles] - span.start).to(lo.device)
+    b = torch.from_numpy(edges[tiles + 1] - 1 - span.start).to(lo.device)
+    return tiles, lo[a].to(device), hi[b].to(device)
+
+
+def _tapping(span: _Span, cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per grid cell, the half-open range of input pixels (image indices) whose taps
+    include it (taps are non-decreasing along the span, so the range is contiguous)."""
+    lo, hi = (x.cpu().numpy() if isinstance(x, torch.Tensor) else x for x in (span.lo, span.hi))
+    cell = np.arange(cells)
+    first = np.searchsorted(hi, cell, "left") + span.start
+    return first, np.searchsorted(lo, cell, "right") + span.start
 
 
 # --------------------------------------------------------------------------- scoring sets
@@ -217,9 +650,19 @@ def covered(coords: np.ndarray, start: int, length: int) -> np.ndarray:
 class _Packed:
     """Prototypes of one extractor in scoring-set order (sorted by label channel)."""
 
-    vectors: torch.Tensor  # (Q, D) float32, L2-normalised
+    vectors: torch.Tensor  # (Q, D) float32, L2-normalised, on the CPU
     offsets: list[int]  # (C + 2) channel c owns rows offsets[c]:offsets[c + 1]
     scoring: ScoringSet
+    copies: dict[torch.device, torch.Tensor] = field(default_factory=dict)
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        """``vectors`` on ``device`` (a copy is made once per device and kept)."""
+        if device.type == "cpu":
+            return self.vectors
+        got = self.copies.get(device)
+        if got is None:
+            got = self.copies[device] = self.vectors.to(device)
+        return got
 
     @property
     def dim(self) -> int:
@@ -302,38 +745,98 @@ def _pack_cached(extractor: str, kept: Sequence[Category], config: SegmentConfig
     return packed
 
 
+def _channel_chunks(offsets: Sequence[int], limit: int) -> list[tuple[int, int, int, int, bool]]:
+    """Split scoring-set rows into chunks for :func:`score_cells`.
+
+    Returns (first channel, end channel, first row, end row, piece) tuples. A chunk holds
+    consecutive channels with the same number of prototypes (so one reshape gives their
+    maxima) and at most ``limit`` rows, except that a channel with more rows than
+    ``limit`` is split into pieces of its own (``piece`` True).
+    """
+    chunks: list[tuple[int, int, int, int, bool]] = []
+    n_ch = len(offsets) - 1
+    c = 0
+    while c < n_ch:
+        n = offsets[c + 1] - offsets[c]
+        if n > limit:
+            for r in range(offsets[c], offsets[c + 1], limit):
+                chunks.append((c, c + 1, r, min(r + limit, offsets[c + 1]), True))
+            c += 1
+            continue
+        end = c + 1
+        while (
+            end < n_ch
+            and offsets[end + 1] - offsets[end] == n
+            and offsets[end + 1] - offsets[c] <= limit
+        ):
+            end += 1
+        chunks.append((c, end, offsets[c], offsets[end], False))
+        c = end
+    return chunks
+
+
 def score_cells(
     feats: torch.Tensor, packed: _Packed, floor: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel best prototype cosine at every cell of one view.
 
-    One (Q, D) x (D, h*w) product gives every prototype's cosine at every cell; each
-    channel's maximum is then taken over its contiguous rows.
+    Cosines come from (prototypes x D) x (D x cells) products, a chunk of whole channels
+    at a time (at most ``SIMS_ELEMENTS`` products held at once); each channel's maximum is
+    taken over its contiguous rows, the first prototype winning ties.
 
     Args:
-        feats: (D, h, w) features of the view.
+        feats: (D, h, w) features of the view, on any device.
 
     Returns:
-        values (C + 1, h, w) float32 (floored), winners (C + 1, h, w) int64 scoring-set
-        indices (-1 for channels without prototypes), sims (Q, h, w) float32 cosine of
-        every scoring-set prototype.
+        values (C + 1, h, w) float32 (floored) and winners (C + 1, h, w) int16 (int32 for
+        32,767 or more prototypes) scoring-set indices (-1 for channels without
+        prototypes), on ``feats``' device.
     """
     d, h, w = feats.shape
     f = feats.reshape(d, h * w).to(torch.float32)
-    # Cosine = (prototype . feature) / |feature| (prototypes are unit vectors): scaling the
-    # product's columns is cheaper than writing a normalised copy of the features.
-    inv_norm = f.square().sum(0).sqrt_().clamp_(min=1e-12).reciprocal_()
-    sims = torch.mm(packed.vectors, f).mul_(inv_norm)  # (Q, h*w)
+    dev = f.device
+    # Cosine = (prototype . feature) / |feature| (prototypes are unit vectors). The factor
+    # is positive and the same for every prototype at a cell, so maxima and winners are
+    # taken on the bare products and only the (C + 1) maxima are scaled.
+    inv_norm = torch.linalg.vector_norm(f, dim=0).clamp_(min=1e-12).reciprocal_()
+    vectors = packed.on(dev)
     n_ch = len(packed.offsets) - 1
-    values = torch.zeros(n_ch, h * w)
-    winners = torch.full((n_ch, h * w), -1, dtype=torch.long)
-    for c in range(n_ch):
-        lo, hi = packed.offsets[c], packed.offsets[c + 1]
-        if hi > lo:
-            v, a = sims[lo:hi].max(0)
-            values[c] = torch.where(v > floor, v, torch.zeros(()))
-            winners[c] = a + lo
-    return values.reshape(n_ch, h, w), winners.reshape(n_ch, h, w), sims.reshape(-1, h, w)
+    index_type = torch.int16 if len(vectors) < 2**15 - 1 else torch.int32
+    values = torch.full((n_ch, h * w), -torch.inf, device=dev)
+    winners = torch.full((n_ch, h * w), -1, dtype=torch.long, device=dev)
+    limit = max(1, SIMS_ELEMENTS // max(1, h * w))
+    for c0, c1, lo, hi, piece in _channel_chunks(packed.offsets, limit):
+        if hi == lo:
+            continue
+        products = torch.mm(vectors[lo:hi], f)  # (rows, cells)
+        if piece:  # part of one large channel: merge with what earlier pieces found
+            v, a = products.max(0)
+            better = v > values[c0]
+            values[c0] = torch.where(better, v, values[c0])
+            winners[c0] = torch.where(better, a + lo, winners[c0])
+            continue
+        n = (hi - lo) // (c1 - c0)
+        v, a = products.view(c1 - c0, n, h * w).max(1)
+        values[c0:c1] = v
+        winners[c0:c1] = a + (lo + n * torch.arange(c1 - c0, device=dev)).unsqueeze(1)
+    values.mul_(inv_norm)
+    values = torch.where(values > floor, values, torch.zeros((), device=dev))
+    return values.reshape(n_ch, h, w), winners.to(index_type).reshape(n_ch, h, w)
+
+
+def _whole_view_maps(feats: torch.Tensor, packed: _Packed, wanted: torch.Tensor) -> SimilarityMaps:
+    """:class:`SimilarityMaps` of prototypes ``wanted`` ((K,) int64, sorted) over the whole
+    view's features ``feats`` ((D, h, w)), computed as :func:`score_cells` does."""
+    d, h, w = feats.shape
+    f = feats.reshape(d, h * w).to(torch.float32)
+    inv_norm = torch.linalg.vector_norm(f, dim=0).clamp_(min=1e-12).reciprocal_()
+    vectors = packed.on(f.device)
+    maps = torch.empty(len(wanted), h * w, dtype=torch.float16)
+    step = max(1, SIMS_ELEMENTS // max(1, h * w))
+    for k in range(0, len(wanted), step):
+        rows = vectors[wanted[k : k + step].to(f.device)]
+        maps[k : k + step] = torch.mm(rows, f).mul_(inv_norm).to(torch.float16).cpu()
+    return SimilarityMaps(wanted.cpu(), maps.reshape(len(wanted), h, w))
 
 
 # --------------------------------------------------------------------------- segment
@@ -389,6 +892,10 @@ def segment(
 ) -> Segmentation:
     """Segment ``image`` into the given categories and background.
 
+    Everything after feature extraction runs on the device the extractors return their
+    features on; only the per-cell records, the labels and the similarity maps come back
+    to the CPU.
+
     Args:
         image: (H, W, 3) uint8 RGB target.
         categories: candidate categories, each with a bank for every extractor.
@@ -428,18 +935,14 @@ def segment(
         tensor = F.interpolate(tensor, size=(hp, wp), mode="bilinear", antialias=True)
         tensor = tensor.clamp_(0.0, 1.0)
     boxes = view_boxes((hp, wp), config)
-    ys, xs = pixel_centres(h, hp), pixel_centres(w, wp)
 
-    n_ch = len(kept) + 1
-    acc = torch.zeros(n_ch, h, w, dtype=torch.float64)
-    count = torch.zeros(h, w, dtype=torch.float64)
     views: list[ViewRecord] = []
-    scoring: dict[str, ScoringSet] = {}
-    whole: dict[str, torch.Tensor] = {}
+    grids: list[torch.Tensor] = []  # each pass's values on the device they were made on
+    packs: dict[str, _Packed] = {}
+    whole_feats: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
         for ex in extractors:
-            packed = _pack_cached(ex.name, kept, config)
-            scoring[ex.name] = packed.scoring
+            packed = packs[ex.name] = _pack_cached(ex.name, kept, config)
             for vi, (top, left, vh, vw) in enumerate(boxes):
                 crop = tensor[:, :, top : top + vh, left : left + vw]
                 feats = ex(crop)
@@ -453,35 +956,52 @@ def segment(
                         f"extractor {ex.name!r} gives {feats.shape[1]}-d features but the banks "
                         f"hold {packed.dim}-d prototypes; rebuild the banks"
                     )
-                values, winners, sims = score_cells(
-                    feats[0].float().cpu(), packed, config.score_floor
-                )
-                views.append(ViewRecord(ex.name, (top, left, vh, vw), values, winners))
+                values, winners = score_cells(feats[0], packed, config.score_floor)
+                grids.append(values)
+                views.append(ViewRecord(ex.name, (top, left, vh, vw), values.cpu(), winners.cpu()))
                 if vi == 0:
-                    whole[ex.name] = sims.to(torch.float16)
-                rows, cols = covered(ys, top, vh), covered(xs, left, vw)
-                if len(rows) == 0 or len(cols) == 0:
-                    continue
-                wy = torch.from_numpy(interp_matrix(ys[rows], top, vh, values.shape[1]))
-                wx = torch.from_numpy(interp_matrix(xs[cols], left, vw, values.shape[2]))
-                up = torch.matmul(torch.matmul(wy, values.double()), wx.T)  # (C+1, R, S)
-                r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-                acc[:, r0:r1, c0:c1] += up
-                count[r0:r1, c0:c1] += 1.0
-
-    scores = (acc / count.clamp(min=1.0)).to(torch.float32)
-    labels = scores.argmax(0)
+                    whole_feats[ex.name] = feats[0]
+        scores = _ScoreField(views, (h, w), (hp, wp), grids)
+        labels = scores.argmax(list(range(len(kept) + 1)))
+        explained = _explaining_prototypes(scores, views, labels)
+        whole = {
+            name: _whole_view_maps(whole_feats[name], packs[name], explained[name])
+            for name in packs
+        }
     return Segmentation(
         image=image,
-        labels=labels.numpy().astype(np.int64),
-        scores=scores.numpy(),
+        labels=labels,
         class_names=["background"] + [c.name for c in kept],
         categories=kept,
         queried=[c.name for c in categories],
         prefilter=pre,
         processed_size=(hp, wp),
         views=views,
-        scoring=scoring,
+        scoring={name: p.scoring for name, p in packs.items()},
         whole_view_sims=whole,
         config=config,
     )
+
+
+def _explaining_prototypes(
+    scores: _ScoreField, views: Sequence[ViewRecord], labels: np.ndarray
+) -> dict[str, torch.Tensor]:
+    """Per extractor, the sorted scoring-set indices (int64) a trace can name: the
+    winners of channel ``l`` at cells tapped by a pixel labelled ``l``, in any pass."""
+    found: dict[str, set[int]] = {v.extractor: set() for v in views}
+    for label in np.unique(labels).tolist():
+        integral = _integral(labels == label)
+        for pi, vi in enumerate(scores.pass_view):
+            cells = torch.from_numpy(scores.tapped(pi, integral))
+            q = views[vi].winners[label][cells]
+            found[views[vi].extractor].update(q[q >= 0].unique().tolist())
+    return {e: torch.tensor(sorted(qs), dtype=torch.long) for e, qs in found.items()}
+
+
+def _integral(mask: np.ndarray) -> np.ndarray:
+    """(H + 1, W + 1) int32 summed-area table of an (H, W) bool mask (zero first row and
+    column): the count in rows a:b, columns c:d is ``I[b, d] - I[a, d] - I[b, c] + I[a, c]``."""
+    out = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int32)
+    np.cumsum(mask, axis=0, dtype=np.int32, out=out[1:, 1:])
+    np.cumsum(out[1:, 1:], axis=1, out=out[1:, 1:])
+    return out

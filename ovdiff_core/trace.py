@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ovdiff_core.segment import Segmentation, pixel_centres
+from ovdiff_core.segment import Segmentation, bilinear_taps, pixel_centres
 from ovdiff_core.types import PrototypeBank, PrototypeKind
 
 __all__ = ["Contribution", "PixelTrace", "PrototypeRef", "SupportRegion", "decompose", "trace"]
@@ -83,7 +83,7 @@ class PixelTrace:
         label: winning channel (0 = background).
         label_name: ``class_names[label]``.
         class_scores: ``{name: score}`` of every channel at the pixel, background included,
-            read from ``Segmentation.scores``.
+            from :meth:`Segmentation.scores_at` (the numbers of ``Segmentation.scores``).
         score: the winning channel's score (== ``class_scores[label_name]``).
         contributions: the terms that sum to ``score`` (see module docstring).
         winner: the prototype with the largest summed contribution (None if none).
@@ -127,7 +127,7 @@ class _Axis:
 
     For input pixel ``i`` (a row or a column) inside the view, the view's cell map is
     sampled at cells ``lo[i]`` and ``hi[i]`` with weights ``1 - frac[i]`` and ``frac[i]``
-    (the same numbers as :func:`ovdiff_core.segment.interp_matrix`).
+    (:func:`ovdiff_core.segment.bilinear_taps`, as scores are made).
     """
 
     inside: np.ndarray  # (n,) bool: pixel centre lies in the view
@@ -137,14 +137,8 @@ class _Axis:
 
     @staticmethod
     def build(coords: np.ndarray, start: int, length: int, cells: int) -> _Axis:
-        u = np.clip((coords - start) * (cells / length) - 0.5, 0.0, cells - 1)
-        lo = np.floor(u).astype(np.int64)
-        return _Axis(
-            inside=(coords >= start) & (coords < start + length),
-            lo=lo,
-            hi=np.minimum(lo + 1, cells - 1),
-            frac=u - lo,
-        )
+        lo, hi, frac = bilinear_taps(coords, start, length, cells)
+        return _Axis(inside=(coords >= start) & (coords < start + length), lo=lo, hi=hi, frac=frac)
 
     def taps(self, i: int) -> list[tuple[int, float]]:
         """Non-zero (cell, weight) pairs of pixel ``i`` (cells merged when they coincide)."""
@@ -264,10 +258,6 @@ def _index(seg: Segmentation) -> _TraceIndex:
     return idx
 
 
-def _ref(seg: Segmentation, extractor: str, q: int) -> PrototypeRef:
-    return _index(seg).ref(seg, extractor, q)
-
-
 def decompose(seg: Segmentation, x: int, y: int, channel: int) -> list[Contribution]:
     """The terms of ``seg.scores[channel, y, x]``; their ``weight * cosine`` sum to it.
 
@@ -380,7 +370,8 @@ def trace(seg: Segmentation, x: int, y: int) -> PixelTrace:
             img = cat.support.images[i] if cat.support is not None else None
             regions.append(SupportRegion(image_index=i, mask=mask, image=img))
         sim_map = _similarity_map(seg, winner, best[1])
-    scores = {n: float(seg.scores[k, y, x]) for k, n in enumerate(seg.class_names)}
+    at = seg.scores_at(x, y)
+    scores = {n: float(at[k]) for k, n in enumerate(seg.class_names)}
     return PixelTrace(
         x=x,
         y=y,

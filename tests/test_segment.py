@@ -63,7 +63,7 @@ def interior(truth: np.ndarray, margin: int) -> np.ndarray:
 
 def check_contract(seg: Segmentation, image: np.ndarray, n_classes: int) -> None:
     h, w = image.shape[:2]
-    assert seg.labels.shape == (h, w) and seg.labels.dtype == np.int64
+    assert seg.labels.shape == (h, w) and seg.labels.dtype == np.uint8  # compact: < 256 labels
     assert seg.scores.shape == (n_classes + 1, h, w) and seg.scores.dtype == np.float32
     assert seg.class_names[0] == "background" and len(seg.class_names) == n_classes + 1
     assert np.array_equal(seg.labels, seg.scores.argmax(0))
@@ -302,7 +302,7 @@ def test_background_is_the_union_of_kept_classes_background_prototypes() -> None
     seg = segment(image, [red, green], [ex], SegmentConfig(short_side=32, windows=False))
     assert (seg.labels == 0).all()
     sc = seg.scoring["pal"]
-    win = seg.views[0].winners[0]  # (h, w) scoring-set index of the bg winner per cell
+    win = seg.views[0].winners[0].long()  # (h, w) scoring-set index of the bg winner per cell
     src = sc.source[win]
     assert (src[:, :4] == 1).all(), "BLUE cells are explained by red's background"
     assert (src[:, 4:] == 2).all(), "GREY cells are explained by green's background"

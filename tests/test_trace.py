@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections import defaultdict
 
 import numpy as np
@@ -12,11 +13,13 @@ from helpers import PaletteExtractor, make_category, support_from_boxes, unit
 from ovdiff_core.config import PrototypeConfig, SegmentConfig
 from ovdiff_core.pipeline import OVDiff
 from ovdiff_core.segment import Segmentation, interp_matrix, pixel_centres, segment
+from ovdiff_core.standins import CodedExtractor, coded_scene, random_categories
 from ovdiff_core.testing import ColorExtractor, ColorGenerator, ColorWorld, paint_scene
 from ovdiff_core.trace import decompose, trace
 from ovdiff_core.types import PrototypeKind
 
 WORLD = ColorWorld.default()
+segment_module = importlib.import_module("ovdiff_core.segment")
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +69,30 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module", params=list(CONFIGS))
+# vocabularies of evaluation size: stand-in banks shaped like real ones (1 class, 3
+# instance, 4 part prototypes each side), a coded scene of 12 regions, two extractors,
+# windows; labels are made with tiny tiles and blocks so that pruning and banding run
+MANY_CLASSES = {"80-classes": 80, "150-classes": 150}
+
+
+def many_class_segmentation(n_classes: int) -> Segmentation:
+    extractors = [CodedExtractor("k4", 12, 4, 0, noise=0.8), CodedExtractor("k8", 10, 8, 1)]
+    cats = random_categories(extractors, n_classes, n_images=3, image_px=16, n_parts=4)
+    for ex in extractors:
+        ex.categories = cats
+    image = coded_scene((26, 34), n_classes, 12, seed=n_classes)
+    cfg = SegmentConfig(short_side=24, window_sizes=(16,), window_stride=6, prefilter=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(segment_module, "TILE", 4)
+        mp.setattr(segment_module, "BLOCK_ELEMENTS", 2000)
+        mp.setattr(segment_module, "BLOCK_OVERHEAD", 0)
+        return segment(image, cats, extractors, cfg)
+
+
+@pytest.fixture(scope="module", params=[*CONFIGS, *MANY_CLASSES])
 def seg(request: pytest.FixtureRequest, model: OVDiff) -> Segmentation:
+    if request.param in MANY_CLASSES:
+        return many_class_segmentation(MANY_CLASSES[request.param])
     names, size, cfg = CONFIGS[request.param]
     extractors = [e for e in model.extractors if e.name in names]
     cats = list(model.categories.values())

@@ -44,8 +44,7 @@ def labels_for(seg: Segmentation, class_names: Sequence[str], background: bool) 
         return lut[seg.labels]
     if not objects:
         return np.full(seg.labels.shape, -1, dtype=np.int64)
-    best = seg.scores[1:].argmax(axis=0)
-    return np.array(objects, dtype=np.int64)[best]
+    return np.array([-1, *objects], dtype=np.int64)[seg.object_labels()]
 
 
 @dataclass

@@ -5,6 +5,8 @@
     ovdiff build voc                                   # support sets + banks into the cache
     ovdiff segment photos/ --vocab "cat,sofa,lamp" --out seg/
     ovdiff eval voc --root ~/data/VOCdevkit            # mIoU table (VOC21; voc20 too)
+    ovdiff convert context --src ~/data/context --dst ~/data/VOCdevkit/VOC2010  # once
+    ovdiff eval context60 --root ~/data/VOCdevkit      # context59, coco-object too
 
 Every command takes ``--backend real|tiny|color`` (``color``: the colour world of
 :mod:`ovdiff_core.testing`, no networks), ``--preset cpu|paper``, ``--cache DIR`` and
@@ -27,7 +29,13 @@ from typing import Any, TextIO
 import numpy as np
 from PIL import Image, ImageOps
 
-from ovdiff_core.evaluation.datasets import NAME_SETS, VOCSegmentation, class_names, voc_palette
+from ovdiff_core.evaluation.datasets import (
+    DATASETS,
+    NAME_SETS,
+    class_names,
+    open_dataset,
+    voc_palette,
+)
 from ovdiff_core.pipeline import OVDiff, clean_category_name
 from ovdiff_core.stuff import STUFF, is_stuff
 
@@ -42,7 +50,6 @@ __all__ = [
 
 BACKENDS = ("real", "tiny", "color")
 PRESETS = ("cpu", "paper")
-DATASETS = {"voc": True, "voc21": True, "voc20": False}  # name -> with background
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -328,15 +335,12 @@ def _cmd_eval(args: argparse.Namespace, stdout: TextIO) -> int:
     from ovdiff_core.evaluation.run import evaluate
 
     if args.dataset not in DATASETS:
-        raise CLIError(
-            f"unknown dataset {args.dataset!r}; use one of {sorted(DATASETS)} "
-            "(Pascal Context and COCO-Object are not implemented yet)"
-        )
+        raise CLIError(f"unknown dataset {args.dataset!r}; use one of {sorted(DATASETS)}")
     background = DATASETS[args.dataset]
     if args.limit is not None and args.limit < 1:
         raise CLIError(f"--limit must be >= 1, got {args.limit}")
     try:
-        ds = VOCSegmentation(args.root, args.split, background=background, limit=args.limit)
+        ds = open_dataset(args.dataset, args.root, args.split, limit=args.limit)
     except ValueError as err:
         raise CLIError(str(err)) from None
     model = _model(args, ds.names)
@@ -359,8 +363,8 @@ def _cmd_eval(args: argparse.Namespace, stdout: TextIO) -> int:
         extra = {
             "dataset": ds.name,
             "split": args.split,
-            "names": "voc",
-            "names_version": names_version("voc"),
+            "names": ds.names_set,
+            "names_version": names_version(ds.names_set),
             "settings": _settings(args),
             "images_per_s": result.images_per_s,
             "seconds": result.seconds,
@@ -368,6 +372,33 @@ def _cmd_eval(args: argparse.Namespace, stdout: TextIO) -> int:
         (out / f"{ds.name}.json").write_text(m.to_json(**extra))
         (out / f"{ds.name}.md").write_text(m.to_markdown() + "\n")
         print(f"wrote {out / f'{ds.name}.json'} and {out / f'{ds.name}.md'}", file=stdout)
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace, stdout: TextIO) -> int:
+    from ovdiff_core.evaluation import convert
+
+    bar = _bar(args.quiet, total=None, desc="annotations", unit="img")
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(1)
+
+    with bar:
+        if args.dataset == "context":
+            if args.dst is None:
+                raise CLIError("convert context needs --dst, the VOC 2010 folder")
+            result = convert.convert_context(args.src, args.dst, progress=progress)
+        else:
+            result = convert.convert_coco_object(
+                args.src, args.dst, args.split, crowd=args.crowd, progress=progress
+            )
+    print(f"wrote {result.n_images} label PNGs into {result.label_dir}", file=stdout)
+    for split, path in result.lists.items():
+        print(f"  {split}: {path}", file=stdout)
+    if result.skipped:
+        print(f"  {len(result.skipped)} listed images have no annotation, e.g. "
+              f"{result.skipped[:3]}", file=stdout)  # fmt: skip
     return 0
 
 
@@ -475,11 +506,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", required=True, help="as for build")
     p.add_argument("--out", required=True, help="output folder")
     p = sub.add_parser("eval", parents=[common], help="mIoU on a benchmark")
-    p.add_argument("dataset", help="voc (= voc21, with background) or voc20")
-    p.add_argument("--root", required=True, help="VOC folder (containing VOCdevkit/)")
+    p.add_argument("dataset", help="voc (= voc21), voc20, context60, context59 or coco-object")
+    p.add_argument("--root", required=True, help="dataset folder (see README)")
     p.add_argument("--split", default="val", help="image list (default val)")
     p.add_argument("--limit", type=int, default=None, help="first N images only")
     p.add_argument("--out", default=None, help="folder for the JSON and Markdown results")
+    p = sub.add_parser("convert", help="one-time conversion of Context / COCO annotations")
+    p.add_argument("dataset", choices=("context", "coco-object"))
+    p.add_argument("--src", required=True, help="Context download, or the COCO folder")
+    p.add_argument("--dst", default=None, help="VOC 2010 folder (context); COCO: default --src")
+    p.add_argument("--split", default="val2017", help="coco-object: val2017 or train2017")
+    p.add_argument("--crowd", choices=("class", "ignore"), default="class",
+                   help="coco-object: crowd regions take their class or 255")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -488,7 +527,12 @@ def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None) -> int
     2 a usage or input error, reported on stderr as one line saying what to do)."""
     args = _parser().parse_args(argv)
     out = stdout or sys.stdout
-    commands = {"build": _cmd_build, "segment": _cmd_segment, "eval": _cmd_eval}
+    commands = {
+        "build": _cmd_build,
+        "segment": _cmd_segment,
+        "eval": _cmd_eval,
+        "convert": _cmd_convert,
+    }
     try:
         return commands[args.command](args, out)
     except CLIError as err:

@@ -5,25 +5,38 @@ annotations with VOC's colours and 255 object borders, ``ImageSets/Segmentation`
 whose scenes are painted with :func:`ovdiff_core.testing.paint_scene`: each object is a
 box of its class's colour-world colour, aligned to a grid, on a background colour of the
 world. A model whose categories come from the same world (:func:`color_world`) can
-segment these scenes exactly, so the expected scores are known in advance. Used by the
+segment these scenes exactly, so the expected scores are known in advance.
+:func:`write_synthetic_context` and :func:`write_synthetic_coco` write the *raw downloads*
+of Pascal Context (``.mat`` + ``labels.txt``) and COCO (instances json with polygons and
+RLE) for such scenes, with the label maps a correct conversion gives. Used by the
 tests and by ``benchmarks/bench_eval.py``.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from ovdiff_core.evaluation.datasets import class_names, voc_palette
+from ovdiff_core.stuff import COCO_OBJECT, PASCAL_CONTEXT
 from ovdiff_core.testing import ColorGenerator, ColorWorld, paint_scene
 
 Color = tuple[int, int, int]
 
-__all__ = ["SyntheticImage", "color_world", "write_synthetic_voc"]
+__all__ = [
+    "SyntheticImage",
+    "color_world",
+    "encode_rle",
+    "write_synthetic_coco",
+    "write_synthetic_context",
+    "write_synthetic_voc",
+]
 
 
 def _candidates(taken: Sequence[tuple[int, int, int]], spacing: float) -> list[Color]:
@@ -186,4 +199,258 @@ def write_synthetic_voc(
     for split in ("val", "train"):
         ids = [s.image_id for s in out if s.split == split]
         (base / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    return out
+
+
+# --------------------------------------------------------------------------- Context, COCO
+
+# The real files' facts the synthetic sources reproduce (the converters never read these).
+# Pascal Context labels.txt: ids of the 59 common classes among the 459 (alphabetical).
+CONTEXT_459_IDS: dict[str, int] = dict(
+    zip(
+        PASCAL_CONTEXT,
+        (2, 9, 18, 19, 22, 23, 25, 31, 33, 34, 44, 45, 46, 59, 65, 68, 72, 80, 85, 98, 104,
+         105, 113, 115, 144, 158, 159, 162, 187, 189, 207, 220, 232, 258, 259, 260, 284, 295,
+         296, 308, 324, 326, 347, 349, 354, 355, 360, 366, 368, 397, 415, 416, 420, 424, 427,
+         440, 445, 454, 458),
+        strict=True,
+    )
+)  # fmt: skip
+# COCO instances json: category ids of the 80 things (1..90 without these ten)
+COCO_MISSING_IDS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
+COCO_CATEGORY_IDS: dict[str, int] = dict(
+    zip(COCO_OBJECT, [i for i in range(1, 91) if i not in COCO_MISSING_IDS], strict=True)
+)
+
+
+def _scene(
+    rng: np.random.Generator,
+    world: ColorWorld,
+    classes: Sequence[str],
+    size: tuple[int, int],
+    grid: int,
+    max_objects: int,
+    box_cells: tuple[int, int],
+) -> tuple[np.ndarray, np.ndarray, list[str], list[tuple[int, int, int, int]]]:
+    """One colour-world scene: image (H, W, 3), object index (H, W), classes, pixel boxes."""
+    h, w = size
+    n_obj = int(rng.integers(1, min(max_objects, len(classes)) + 1))
+    cells = _place(rng, (h // grid, w // grid), n_obj, box_cells)
+    picked = [classes[int(i)] for i in rng.permutation(len(classes))[: len(cells)]]
+    bg = world.backgrounds[int(rng.integers(len(world.backgrounds)))]
+    boxes = [(t * grid, le * grid, bh * grid, bw * grid) for t, le, bh, bw in cells]
+    objects = [([world.parts[c][0]], box) for c, box in zip(picked, boxes, strict=True)]
+    image, index = paint_scene(size, bg, objects, seed=int(rng.integers(2**31)))
+    return image, index, picked, boxes
+
+
+def _lut(index: np.ndarray, values: Sequence[int]) -> np.ndarray:
+    return np.array([0, *values], dtype=np.uint8)[index]
+
+
+def write_synthetic_context(
+    root: str | Path,
+    world: ColorWorld,
+    classes: Sequence[str],
+    n_images: int = 6,
+    size: tuple[int, int] = (160, 224),
+    grid: int = 16,
+    max_objects: int = 3,
+    box_cells: tuple[int, int] = (3, 4),
+    mislabelled: int = 0,
+    seed: int = 0,
+) -> list[SyntheticImage]:
+    """Write Pascal Context's downloads for colour-world scenes, in their real formats.
+
+    Writes ``root/VOCdevkit/VOC2010`` (``JPEGImages/<id>.jpg``,
+    ``ImageSets/Main/{train,val}.txt``) and ``root/context`` (``labels.txt``: 459 lines
+    ``<id>: <name>`` with the 59 classes at their real ids and other names elsewhere;
+    ``trainval/<id>.mat`` with ``LabelMap``: (H, W) uint16 ids). Objects are labelled with
+    their class's id; the background with ids of classes outside the 59 (one per image
+    half) and a top row of 0 (unlabelled): all become background in PC60.
+
+    Args:
+        classes: Context-59 names (``names/context59.txt`` spelling) objects are drawn from.
+        Others as :func:`write_synthetic_voc` (no borders: Context has none).
+
+    Returns:
+        One :class:`SyntheticImage` per image, val first: ``label`` is the PC60 label map a
+        correct conversion gives (0 = background, 1..59), ``painted`` what was painted.
+    """
+    from scipy.io import savemat
+
+    names = class_names("context59")
+    dataset_name = dict(zip(names, PASCAL_CONTEXT, strict=True))
+    unknown = [c for c in classes if c not in names or c not in world.parts]
+    if unknown:
+        raise ValueError(f"write_synthetic_context: {unknown} are not Context-59 world names")
+    voc = Path(root) / "VOCdevkit" / "VOC2010"
+    ctx = Path(root) / "context"
+    for sub in (voc / "JPEGImages", voc / "ImageSets" / "Main", ctx / "trainval"):
+        sub.mkdir(parents=True, exist_ok=True)
+    ids_59 = {CONTEXT_459_IDS[dataset_name[c]]: dataset_name[c] for c in names}
+    lines = [f"{i}: {ids_59.get(i, f'other thing {i}')}" for i in range(1, 460)]
+    (ctx / "labels.txt").write_text("\n".join(lines) + "\n")
+    others = [i for i in range(1, 460) if i not in ids_59]
+    rng = np.random.default_rng(seed)
+    out: list[SyntheticImage] = []
+    for k in range(n_images + 1):
+        split = "val" if k < n_images else "train"
+        image_id = f"2010_{k:06d}"
+        image, index, picked, _ = _scene(rng, world, classes, size, grid, max_objects, box_cells)
+        annotated = list(picked)
+        if k < mislabelled:
+            annotated[0] = classes[(list(classes).index(picked[0]) + 1) % len(classes)]
+        full = np.zeros(size, dtype=np.uint16)
+        full[:, : size[1] // 2] = others[int(rng.integers(len(others)))]
+        full[:, size[1] // 2 :] = others[int(rng.integers(len(others)))]
+        full[0] = 0
+        for i, c in enumerate(annotated, start=1):
+            full[index == i] = CONTEXT_459_IDS[dataset_name[c]]
+        savemat(ctx / "trainval" / f"{image_id}.mat", {"LabelMap": full})
+        Image.fromarray(image).save(voc / "JPEGImages" / f"{image_id}.jpg", quality=95)
+        label = _lut(index, [names.index(c) + 1 for c in annotated])
+        painted = _lut(index, [names.index(c) + 1 for c in picked])
+        out.append(SyntheticImage(image_id, label, painted, split))
+    for split in ("val", "train"):
+        ids = [s.image_id for s in out if s.split == split]
+        (voc / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    return out
+
+
+def encode_rle(mask: np.ndarray, compressed: bool = True) -> dict[str, Any]:
+    """COCO RLE of an (H, W) bool mask: ``{"size": [H, W], "counts": ...}``.
+
+    Runs of 0s and 1s in column-major order, starting with 0s; ``compressed`` writes
+    COCO's string form (see :func:`ovdiff_core.evaluation.convert.decode_rle`), else a list.
+    """
+    flat = np.asarray(mask, dtype=bool).T.ravel()
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    runs = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        runs = [0, *runs]
+    size = [int(mask.shape[0]), int(mask.shape[1])]
+    if not compressed:
+        return {"size": size, "counts": runs}
+    chars: list[str] = []
+    for i, run in enumerate(runs):
+        x = run - runs[i - 2] if i > 2 else run
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = x != -1 if c & 0x10 else x != 0
+            chars.append(chr(48 + (c | 0x20 if more else c)))
+    return {"size": size, "counts": "".join(chars)}
+
+
+def write_synthetic_coco(
+    root: str | Path,
+    world: ColorWorld,
+    classes: Sequence[str],
+    n_images: int = 6,
+    size: tuple[int, int] = (160, 224),
+    grid: int = 16,
+    max_objects: int = 3,
+    box_cells: tuple[int, int] = (3, 4),
+    mislabelled: int = 0,
+    overlap: bool = False,
+    empty: int = 0,
+    seed: int = 0,
+) -> list[SyntheticImage]:
+    """Write COCO's ``val2017/*.jpg`` and ``annotations/instances_val2017.json`` for
+    colour-world scenes, in the real formats.
+
+    The json lists COCO's 80 categories with their real (gapped) ids in shuffled order.
+    Object j's mask is stored, in turn, as a box polygon, as two polygons (left and right
+    halves), as a compressed-string RLE and as a list RLE with ``iscrowd=1``.
+
+    Args:
+        classes: COCO-Object names objects are drawn from.
+        overlap: image 0 gets one more object inside its first object's box (painted on
+            top, listed first in the json): the smaller instance must win.
+        empty: this many more val images have no objects and no annotations.
+        Others as :func:`write_synthetic_voc`.
+
+    Returns:
+        One :class:`SyntheticImage` per image (stem of the jpg), all ``split="val"``:
+        ``label`` is the COCO-Object label map a correct conversion gives (0 background,
+        1..80; crowds take their class), ``painted`` what was painted.
+    """
+    names = class_names("coco-object")
+    unknown = [c for c in classes if c not in names or c not in world.parts]
+    if unknown:
+        raise ValueError(f"write_synthetic_coco: {unknown} are not COCO-Object world names")
+    base = Path(root)
+    (base / "val2017").mkdir(parents=True, exist_ok=True)
+    (base / "annotations").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    images: list[dict[str, Any]] = []
+    anns: list[dict[str, Any]] = []
+    out: list[SyntheticImage] = []
+    style = 0
+    h, w = size
+    for k in range(n_images + empty):
+        image_id = 1000 + 7 * k
+        stem = f"{image_id:012d}"
+        if k < n_images:
+            image, index, picked, boxes = _scene(
+                rng, world, classes, size, grid, max_objects, box_cells
+            )
+        else:
+            bg = world.backgrounds[int(rng.integers(len(world.backgrounds)))]
+            image, index = paint_scene(size, bg, [], seed=int(rng.integers(2**31)))
+            picked, boxes = [], []
+        if k == 0 and overlap:
+            t, le, bh, bw = boxes[0]
+            inner = (t + bh // 4, le + bw // 4, bh // 2, bw // 2)
+            extra = classes[(list(classes).index(picked[0]) + 1) % len(classes)]
+            image[inner[0] : inner[0] + inner[2], inner[1] : inner[1] + inner[3]] = world.parts[
+                extra
+            ][0]
+            index[inner[0] : inner[0] + inner[2], inner[1] : inner[1] + inner[3]] = len(boxes) + 1
+            picked, boxes = [*picked, extra], [*boxes, inner]
+        annotated = list(picked)
+        if k < mislabelled:
+            annotated[0] = classes[(list(classes).index(picked[0]) + 1) % len(classes)]
+        order = list(range(len(boxes)))
+        if k == 0 and overlap:
+            order = [order[-1], *order[:-1]]  # the inner object comes first in the file
+        for j in order:
+            t, le, bh, bw = boxes[j]
+            x0, y0, x1, y1 = le, t, le + bw, t + bh
+            crowd = 0
+            seg: Any
+            if style % 4 == 0:
+                seg = [[x0, y0, x1, y0, x1, y1, x0, y1]]
+            elif style % 4 == 1:
+                xm = le + bw // 2
+                seg = [[x0, y0, xm, y0, xm, y1, x0, y1], [xm, y0, x1, y0, x1, y1, xm, y1]]
+            else:
+                mask = np.zeros(size, dtype=bool)
+                mask[t : t + bh, le : le + bw] = True
+                seg = encode_rle(mask, compressed=style % 4 == 2)
+                crowd = int(style % 4 == 3)
+            style += 1
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": image_id,
+                    "category_id": COCO_CATEGORY_IDS[annotated[j]],
+                    "segmentation": seg,
+                    "area": float(bh * bw),
+                    "bbox": [x0, y0, bw, bh],
+                    "iscrowd": crowd,
+                }
+            )
+        Image.fromarray(image).save(base / "val2017" / f"{stem}.jpg", quality=95)
+        images.append({"id": image_id, "file_name": f"{stem}.jpg", "height": h, "width": w})
+        label = _lut(index, [names.index(c) + 1 for c in annotated])
+        painted = _lut(index, [names.index(c) + 1 for c in picked])
+        out.append(SyntheticImage(stem, label, painted, "val"))
+    cats = [{"id": COCO_CATEGORY_IDS[n], "name": n, "supercategory": "thing"} for n in COCO_OBJECT]
+    cats = [cats[int(i)] for i in rng.permutation(len(cats))]
+    data = {"images": images, "annotations": anns, "categories": cats}
+    (base / "annotations" / "instances_val2017.json").write_text(json.dumps(data))
     return out

@@ -399,7 +399,7 @@ class ClipExtractor:
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
         self.features_dtype = _features_dtype(features_dtype, "ClipExtractor")
-        self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._pos_cache: dict[tuple[int, int, str, str], torch.Tensor] = {}
         self._lock = threading.Lock()
 
     def spec(self) -> dict[str, Any]:
@@ -427,11 +427,13 @@ class ClipExtractor:
         """(1 + gh * gw, D) positional embedding for a (gh, gw) patch grid: the class
         position unchanged, the patch grid resampled bicubically (antialiased), exactly as
         open_clip resizes a checkpoint for another image size."""
+        pos = self.visual.positional_embedding.detach()
+        # Keyed by device and dtype too: a model moved after a call gets its own entry.
+        key = (int(grid[0]), int(grid[1]), str(pos.device), str(pos.dtype))
         with self._lock:
-            if grid not in self._pos_cache:
-                pos = self.visual.positional_embedding.detach()
+            if key not in self._pos_cache:
                 if tuple(grid) == self.native_grid:
-                    self._pos_cache[grid] = pos
+                    self._pos_cache[key] = pos
                 else:
                     cls_pos, patch_pos = pos[:1], pos[1:]
                     d = patch_pos.shape[-1]
@@ -442,8 +444,8 @@ class ClipExtractor:
                         patch_pos, size=grid, mode="bicubic", align_corners=False, antialias=True
                     )
                     patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(-1, d).to(pos.dtype)
-                    self._pos_cache[grid] = torch.cat([cls_pos, patch_pos])
-            return self._pos_cache[grid]
+                    self._pos_cache[key] = torch.cat([cls_pos, patch_pos])
+            return self._pos_cache[key]
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) float [0, 1], any device -> (B, D, h, w) keys in ``features_dtype``

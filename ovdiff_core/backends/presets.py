@@ -465,8 +465,8 @@ def _tiny_components(
     dev = torch.device(device) if device is not None else torch.device("cpu")
     dt = dtype if dtype is not None else best_dtype(dev)
 
-    def on_device(model: Any) -> Any:
-        return model.to(dev, dt)
+    def on_device(model: Any) -> Any:  # built in float32
+        return model.to(dev) if dt == torch.float32 else model.to(dev, dt)
 
     # One instance per tiny model per process (and device, dtype), like the real models.
     pipe = shared(("tiny_sd", seed, str(dev), str(dt)), lambda: on_device(tiny_sd_pipeline(seed)))

@@ -152,7 +152,7 @@ def test_build_bank_places_every_tensor_on_the_features_device(
     streamed: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if streamed:  # tiny chunks: the seeding reads its subsample from the features
-        monkeypatch.setattr(kmeans_module, "_PASS_ELEMENTS", 64)
+        monkeypatch.setattr(kmeans_module, "_PASS_ELEMENTS", 4096)
     support = _support(3, 96, seed=2)
     g = torch.Generator().manual_seed(3)
     feats = torch.randn(3, 8, 48, 48, generator=g) + torch.arange(8.0)[:, None, None]

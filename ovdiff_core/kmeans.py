@@ -17,7 +17,11 @@ written for that case:
   prototypes can be traced back to the support cells that formed them);
 * the points may be a :class:`Rows` source instead of a tensor: every pass then reads
   them chunk by chunk, so a caller can cluster rows gathered on the fly from a larger
-  tensor (the prototypes' region cells) without holding an (n, D) copy.
+  tensor (the prototypes' region cells) without holding an (n, D) copy;
+* everything runs on the points' device (a CUDA tensor is clustered on the GPU and the
+  result stays there), except the random draws: they come from a CPU generator (seed
+  sampling, subsample, candidate centres), so a seed picks the same draws everywhere.
+  Points on Apple's MPS are clustered on the CPU (MPS has no float64).
 """
 
 from __future__ import annotations
@@ -64,11 +68,13 @@ class Rows(Protocol):
     ``shape`` is (n, D); ``chunks(rows)`` yields ``(offset, block)`` with ``block`` an
     (m, D) float32 tensor (any strides) of rows ``offset .. offset + m - 1``, m <= ``rows``,
     covering all rows in order; ``take(index)`` returns the (len(index), D) float32 rows
-    ``index`` (int64). An optional ``subset(index)`` (ascending int64) returns a
-    :class:`Rows` of those rows; with it, the seeding reads its subsample from the source
-    at each step instead of holding a copy when that copy would exceed a chunk or the
-    optional ``spare_elements`` attribute; an optional ``dots(c)`` returning the (n, t)
-    products ``rows @ c.T`` then replaces the chunked distance pass.
+    ``index`` (int64, on the CPU or the rows' device). Blocks may live on any device
+    (all on the same one); :func:`kmeans` computes there. An optional ``subset(index)``
+    (ascending int64) returns a :class:`Rows` of those rows; with it, the seeding reads
+    its subsample from the source at each step instead of holding a copy when that copy
+    would exceed a chunk or the optional ``spare_elements`` attribute; an optional
+    ``dots(c)`` returning the (n, t) products ``rows @ c.T`` then replaces the chunked
+    distance pass.
     """
 
     @property
@@ -94,7 +100,7 @@ class _TensorRows:
             yield lo, self.x[lo : lo + rows]
 
     def take(self, index: torch.Tensor) -> torch.Tensor:
-        return self.x[index]
+        return self.x[index.to(self.x.device)]
 
 
 def _sq_dists(x: torch.Tensor, x_sq: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -106,7 +112,9 @@ def _sq_dists(x: torch.Tensor, x_sq: torch.Tensor, c: torch.Tensor) -> torch.Ten
 
 def _seed(x: torch.Tensor, x_sq: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     """Greedy k-means++: indices (into ``x``) of k initial centres, fewer if points run out."""
-    return _seed_with(lambda c: _sq_dists(x, x_sq, c), lambda i: x[i], x.shape[0], k, gen)
+    return _seed_with(
+        lambda c: _sq_dists(x, x_sq, c), lambda i: x[i.to(x.device)], x.shape[0], k, gen
+    )
 
 
 def _seed_with(
@@ -119,19 +127,21 @@ def _seed_with(
     """:func:`_seed` over points given by ``dists(centres) -> (n, t)`` squared distances
     and ``take(index) -> (len, D)`` rows."""
     trials = 2 + int(math.log(k))
-    first = int(torch.randint(n, (1,), generator=gen))
+    first = int(torch.randint(n, (1,), generator=gen, device="cpu"))
     chosen = [first]
-    closest = dists(take(torch.tensor([first])))[:, 0]
+    closest = dists(take(torch.tensor([first], device="cpu")))[:, 0]
     for _ in range(1, k):
         if float(closest.sum()) <= 0.0:  # every point coincides with a centre already
             break
-        cand = torch.multinomial(closest, trials, replacement=True, generator=gen)
+        # Drawn on the CPU (the generator's device): the same draws on every device.
+        weights = closest.to("cpu", torch.float32)
+        cand = torch.multinomial(weights, trials, replacement=True, generator=gen)
         d = dists(take(cand))  # (n, trials)
         torch.minimum(d, closest[:, None], out=d)
         best = int(d.sum(0).argmin())
         chosen.append(int(cand[best]))
         closest = d[:, best].contiguous()
-    return torch.tensor(chosen, dtype=torch.long)
+    return torch.tensor(chosen, dtype=torch.long, device="cpu")
 
 
 def _seed_streamed(x: Rows, x_sq: torch.Tensor, sample: torch.Tensor, k: int, gen: torch.Generator):
@@ -140,10 +150,12 @@ def _seed_streamed(x: Rows, x_sq: torch.Tensor, sample: torch.Tensor, k: int, ge
     ``sample`` order. Returns indices into ``sample``."""
     ascending, where = torch.sort(sample)
     rows = x.subset(ascending)  # type: ignore[attr-defined]
-    sq = x_sq[ascending]
+    dev = x_sq.device
+    sq = x_sq[ascending.to(dev)]
+    where = where.to(dev)
 
     def dists(c: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(len(sample), c.shape[0], dtype=torch.float32)
+        out = torch.empty(len(sample), c.shape[0], dtype=torch.float32, device=dev)
         if hasattr(rows, "dots"):  # products computed in place by the source
             d = rows.dots(c).mul_(-2.0).add_(c.square().sum(1)[None, :])
             d += sq[:, None]
@@ -166,11 +178,14 @@ def _row_sq_norms64(x: Rows) -> torch.Tensor:
     """(n, ) float64 squared row norms, accumulated in float64 chunk by chunk."""
     n, d = x.shape
     step = _step(d)
-    out = torch.empty(n, dtype=torch.float64)
+    out: torch.Tensor | None = None
     for base, block in x.chunks(_pass_rows(x)):
+        if out is None:
+            out = torch.empty(n, dtype=torch.float64, device=block.device)
         for lo in range(0, block.shape[0], step):
             rows = block[lo : lo + step].double().contiguous()
             out[base + lo : base + lo + rows.shape[0]] = torch.linalg.vector_norm(rows, dim=1)
+    assert out is not None  # n >= 1: at least one chunk
     return out.square_()
 
 
@@ -183,8 +198,8 @@ def _pass_rows(x: Rows) -> int:
 def _assign(x: Rows, x_sq: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(n,) squared distance of each point to its closest centre and that centre's index."""
     n = x.shape[0]
-    mind = torch.empty(n, dtype=torch.float32)
-    labels = torch.empty(n, dtype=torch.long)
+    mind = torch.empty(n, dtype=torch.float32, device=c.device)
+    labels = torch.empty(n, dtype=torch.long, device=c.device)
     for lo, block in x.chunks(_pass_rows(x)):
         hi = lo + block.shape[0]
         torch.min(_sq_dists(block, x_sq[lo:hi], c), 1, out=(mind[lo:hi], labels[lo:hi]))
@@ -193,7 +208,7 @@ def _assign(x: Rows, x_sq: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor,
 
 def _means(x: Rows, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(k, D) means of the points of each label (zeros for empty labels), (k,) counts."""
-    sums = torch.zeros(k, x.shape[1], dtype=torch.float32)
+    sums = torch.zeros(k, x.shape[1], dtype=torch.float32, device=labels.device)
     for lo, block in x.chunks(_pass_rows(x)):
         sums.index_add_(0, labels[lo : lo + block.shape[0]], block)
     counts = torch.bincount(labels, minlength=k)
@@ -210,7 +225,7 @@ def _final_clusters(
     when the points share a large offset.
     """
     step = _step(x.shape[1])
-    sums = torch.zeros(k, x.shape[1], dtype=torch.float64)
+    sums = torch.zeros(k, x.shape[1], dtype=torch.float64, device=labels.device)
     for base, block in x.chunks(_pass_rows(x)):
         for lo in range(0, block.shape[0], step):
             rows = block[lo : lo + step]
@@ -227,7 +242,8 @@ def kmeans(
 
     Args:
         x: (n, D) float tensor, n >= 1, or a :class:`Rows` source of float32 rows (read
-            in chunks of about 8 MB). Both give the same result for the same rows.
+            in chunks of about 8 MB). Both give the same result for the same rows. Any
+            device: the clustering runs there (MPS: on the CPU).
         k: requested number of clusters (>= 1). With n <= k every distinct point is its
             own cluster.
         seed: seed of the k-means++ sampling; equal inputs and seed give equal outputs.
@@ -235,12 +251,16 @@ def kmeans(
         tol: stop when ``(previous - current) inertia <= tol * previous``.
 
     Returns:
-        :class:`KMeansResult`; clusters are never empty.
+        :class:`KMeansResult`, its tensors on the points' device (the CPU for MPS
+        points); clusters are never empty.
     """
     if isinstance(x, torch.Tensor):
         if x.ndim != 2 or x.shape[0] < 1:
             raise ValueError(f"kmeans: x must be (n, D) with n >= 1, got {tuple(x.shape)}")
-        x = _TensorRows(x.detach().to(torch.float32).contiguous())
+        x = x.detach()
+        if x.device.type == "mps":  # no float64 on MPS
+            x = x.to("cpu")
+        x = _TensorRows(x.to(torch.float32).contiguous())
     elif not isinstance(x, Rows) or len(x.shape) != 2 or x.shape[0] < 1:
         raise ValueError("kmeans: x must be an (n, D) tensor or a Rows source with n >= 1")
     if k < 1:
@@ -248,26 +268,30 @@ def kmeans(
     if max_iter < 1:
         raise ValueError(f"kmeans: max_iter must be >= 1, got {max_iter}")
     n = x.shape[0]
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     x_sq64 = _row_sq_norms64(x)
+    dev = x_sq64.device
     x_sq = x_sq64.to(torch.float32)
     if not bool(torch.isfinite(x_sq).all()):  # NaN / inf anywhere in a row shows up here
         raise ValueError("kmeans: x contains NaN or infinite values; clean the features first")
 
-    sample = torch.randperm(n, generator=gen)[:SEED_SAMPLE] if n > SEED_SAMPLE else None
+    # Indices drawn on the CPU (sample, start): ``take`` moves them to the points.
+    sample = (
+        torch.randperm(n, generator=gen, device="cpu")[:SEED_SAMPLE] if n > SEED_SAMPLE else None
+    )
     if isinstance(x, _TensorRows):
-        start = (
-            _seed(x.x, x_sq, min(k, n), gen)
-            if sample is None
-            else sample[_seed(x.x[sample], x_sq[sample], min(k, n), gen)]
-        )
+        if sample is None:
+            start = _seed(x.x, x_sq, min(k, n), gen)
+        else:
+            on_dev = sample.to(dev)
+            start = sample[_seed(x.x[on_dev], x_sq[on_dev], min(k, n), gen)]
     else:
         # Read the (sub)sample from the source at every seeding step rather than hold it
         # when holding it would take more than a pass's chunk (no copy of the points).
-        sample = torch.arange(n) if sample is None else sample
+        sample = torch.arange(n, device="cpu") if sample is None else sample
         spare = max(_PASS_ELEMENTS, int(getattr(x, "spare_elements", 0)))
         if len(sample) * x.shape[1] <= spare or not hasattr(x, "subset"):
-            start = sample[_seed(x.take(sample), x_sq[sample], min(k, n), gen)]
+            start = sample[_seed(x.take(sample), x_sq[sample.to(dev)], min(k, n), gen)]
         else:
             start = sample[_seed_streamed(x, x_sq, sample, min(k, n), gen)]
     centres = x.take(start).clone()
@@ -293,8 +317,8 @@ def kmeans(
 
     # Centroids as the exact means of their members (provenance); drop empty clusters.
     used = torch.unique(labels)
-    remap = torch.full((centres.shape[0],), -1, dtype=torch.long)
-    remap[used] = torch.arange(len(used))
+    remap = torch.full((centres.shape[0],), -1, dtype=torch.long, device=dev)
+    remap[used] = torch.arange(len(used), device=dev)
     labels = remap[labels]
     centres, inertia = _final_clusters(x, x_sq64, labels, len(used))
     return KMeansResult(centroids=centres, labels=labels, inertia=inertia, n_iter=it)

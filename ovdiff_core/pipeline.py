@@ -71,13 +71,15 @@ def extract_features(
         images: (N, H, W, 3) uint8 RGB.
 
     Returns:
-        (N, D, h, w) float32 from ``extractor``, computed ``batch_size`` images at a time.
+        (N, D, h, w) from ``extractor``, computed ``batch_size`` images at a time, on the
+        extractor's device and in its dtype (a GPU extractor's features stay on the GPU
+        for stage 2; :func:`~ovdiff_core.prototypes.build_bank` returns a CPU bank).
     """
     out = []
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
             chunk = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size]))
-            out.append(extractor(chunk.permute(0, 3, 1, 2).float() / 255.0).float().cpu())
+            out.append(extractor(chunk.permute(0, 3, 1, 2).float() / 255.0))
     return torch.cat(out)
 
 

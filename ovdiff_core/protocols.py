@@ -34,11 +34,14 @@ class FeatureExtractor(Protocol):
         """Extract features.
 
         Args:
-            images: (B, 3, H, W) float32 RGB in [0, 1], on the CPU. Any H, W >= ``stride``;
-                the extractor resizes or pads internally as its model needs.
+            images: (B, 3, H, W) float32 RGB in [0, 1], on any device (the CPU from the
+                pipeline). Any H, W >= ``stride``; the extractor resizes or pads
+                internally as its model needs.
 
         Returns:
-            (B, D, h, w) float32 CPU tensor. The grid covers the whole input: cell
+            (B, D, h, w) float tensor (float32 unless the extractor is configured
+            otherwise) on the extractor's device: a GPU model's features stay on the GPU
+            (callers move to the CPU only what they store). The grid covers the whole input: cell
             (r, c) covers input rows ``[r * H / h, (r + 1) * H / h)`` and likewise for
             columns (so h is about H / stride). Not necessarily normalised.
         """

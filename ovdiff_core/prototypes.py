@@ -46,18 +46,21 @@ class _RegionRows:
     Row j is the float32 feature vector of flat cell ``cells[j]`` (index into
     ``N * gh * gw``, image-major, ascending). Chunks stay within one image and cover a
     contiguous run of its cells, so a pass reads each feature once; they are transposed
-    views of (D, m) blocks (strides (1, m)).
+    views of (D, m) blocks (strides (1, m)). Chunks live on the features' device; cell
+    bounds are read from a CPU copy of ``cells`` (no device round trip per chunk).
     """
 
     def __init__(self, feats: torch.Tensor, cells: np.ndarray) -> None:
         n, d, gh, gw = feats.shape
         self.source = feats
+        self.device = feats.device
         # K-means may hold a copy of its seeding subsample up to this size (elements).
         self.spare_elements = feats.numel() // 10
         self._buffer: torch.Tensor | None = None
         self.feats = feats.reshape(n, d, gh * gw)  # a view for contiguous features
         self.hw = gh * gw
-        self.cells = torch.from_numpy(cells)
+        self.cells_np = cells
+        self.cells = torch.from_numpy(cells).to(self.device)
         img = cells // self.hw
         # [start, end) of each image's cells in ``cells``
         self.bounds = np.searchsorted(img, np.arange(n + 1)).tolist()
@@ -70,14 +73,16 @@ class _RegionRows:
         """Chunks of image ``i``'s cells: (offset into the rows, (m, D) float32)."""
         lo_i, hi_i = self.bounds[i], self.bounds[i + 1]
         for lo in range(lo_i, hi_i, max(1, rows)):
-            pos = self.cells[lo : min(hi_i, lo + rows)] - i * self.hw
-            first = int(pos[0])
-            span = self.feats[i, :, first : int(pos[-1]) + 1]  # (D, span) view
-            m, d = len(pos), span.shape[0]
+            hi = min(hi_i, lo + rows)
+            first = int(self.cells_np[lo]) - i * self.hw
+            last = int(self.cells_np[hi - 1]) - i * self.hw
+            pos = self.cells[lo:hi] - (i * self.hw + first)
+            span = self.feats[i, :, first : last + 1]  # (D, span) view
+            m, d = hi - lo, span.shape[0]
             if self._buffer is None or self._buffer.numel() < d * rows:
-                self._buffer = torch.empty(d * max(1, rows), dtype=span.dtype)
+                self._buffer = torch.empty(d * max(1, rows), dtype=span.dtype, device=self.device)
             block = self._buffer[: d * m].view(d, m)  # reused: no allocator churn
-            torch.index_select(span, 1, pos - first, out=block)
+            torch.index_select(span, 1, pos, out=block)
             # (m, D) as a transposed view of the gathered (D, m) columns: no transpose
             # copy; matrix products and row sums read it as it is. Valid until the next.
             yield lo, block.to(torch.float32).T
@@ -89,25 +94,26 @@ class _RegionRows:
     def dots(self, c: torch.Tensor) -> torch.Tensor:
         """(n, t) products of every row with the t rows of ``c`` (t, D), computed on each
         image's span of cells in place (no gather: reads the features once)."""
-        out = torch.empty(self.shape[0], c.shape[0], dtype=torch.float32)
+        out = torch.empty(self.shape[0], c.shape[0], dtype=torch.float32, device=self.device)
         for i in range(len(self.bounds) - 1):
             lo, hi = self.bounds[i], self.bounds[i + 1]
             if hi == lo:
                 continue
-            pos = self.cells[lo:hi] - i * self.hw
-            first = int(pos[0])
-            span = self.feats[i, :, first : int(pos[-1]) + 1]
+            first = int(self.cells_np[lo]) - i * self.hw
+            last = int(self.cells_np[hi - 1]) - i * self.hw
+            pos = self.cells[lo:hi] - (i * self.hw + first)
+            span = self.feats[i, :, first : last + 1]
             if span.dtype != torch.float32:
                 span = span.to(torch.float32)
-            out[lo:hi] = torch.mm(c, span).index_select(1, pos - first).T
+            out[lo:hi] = torch.mm(c, span).index_select(1, pos).T
         return out
 
     def subset(self, index: torch.Tensor) -> _RegionRows:
         """The rows ``index`` (ascending) as a source of their own."""
-        return _RegionRows(self.source, self.cells[index].numpy())
+        return _RegionRows(self.source, self.cells_np[index.cpu().numpy()])
 
     def take(self, index: torch.Tensor) -> torch.Tensor:
-        cells = self.cells[index]
+        cells = self.cells[index.to(self.device)]
         return self.feats[cells // self.hw, :, cells % self.hw].to(torch.float32).contiguous()
 
 
@@ -115,9 +121,9 @@ class _RegionRows:
 _MEAN_ELEMENTS = 1 << 21
 
 
-def _mean(blocks: Iterator[tuple[int, torch.Tensor]], d: int) -> torch.Tensor:
-    """(D,) float32 mean of the rows of ``blocks`` (float64 sums)."""
-    total = torch.zeros(d, dtype=torch.float64)
+def _mean(blocks: Iterator[tuple[int, torch.Tensor]], d: int, device: torch.device) -> torch.Tensor:
+    """(D,) float32 mean of the rows of ``blocks`` (float64 sums on ``device``)."""
+    total = torch.zeros(d, dtype=torch.float64, device=device)
     count = 0
     for _, block in blocks:
         total += block.sum(0, dtype=torch.float64)
@@ -143,7 +149,7 @@ def _region_prototypes(
     n_img, d = feats.shape[0], feats.shape[1]
     step = max(1, _MEAN_ELEMENTS // d)
     if config.class_level:
-        vecs.append(_mean(rows.chunks(step), d))
+        vecs.append(_mean(rows.chunks(step), d, feats.device))
         kinds.append(PrototypeKind.CLASS)
         images.append(-1)
         members.append(flat_cells)
@@ -152,7 +158,7 @@ def _region_prototypes(
             lo, hi = rows.bounds[i], rows.bounds[i + 1]
             if hi == lo:
                 continue
-            vecs.append(_mean(rows.image_chunks(i, step), d))
+            vecs.append(_mean(rows.image_chunks(i, step), d, feats.device))
             kinds.append(PrototypeKind.INSTANCE)
             images.append(i)
             members.append(flat_cells[lo:hi])
@@ -164,7 +170,7 @@ def _region_prototypes(
             max_iter=config.kmeans_max_iter,
             tol=config.kmeans_tol,
         )
-        labels = km.labels.numpy()
+        labels = km.labels.cpu().numpy()
         for j in range(km.centroids.shape[0]):
             vecs.append(km.centroids[j])
             kinds.append(PrototypeKind.PART)
@@ -185,7 +191,9 @@ def build_bank(
         support: the category's support set with N images of size (H, W).
         features: (N, D, gh, gw) float features of the support images from the extractor
             named ``extractor`` (grid cell (r, c) covers the pixel span of
-            :func:`cell_edges`).
+            :func:`cell_edges`), on any device: means and K-means run on the features'
+            device (a GPU's features stay there; MPS features are moved to the CPU,
+            which has the float64 sums MPS lacks).
         extractor: the extractor's name, recorded in the bank.
         config: prototype settings (K, seed, which levels).
 
@@ -193,6 +201,8 @@ def build_bank(
         A :class:`PrototypeBank` with foreground prototypes first (class, instances,
         parts), then background ones in the same order. Empty regions give no prototypes.
         Vectors are L2-normalised; each is the exact mean of its member cells' features.
+        Every tensor of the bank is on the CPU, whatever the features' device (banks are
+        cached to disk and shared between extractors' devices).
 
     Memory: the features are read in place, chunk by chunk (class and instance means,
     every K-means pass), so the extra memory is a few chunks of about 8 MB plus the
@@ -209,6 +219,8 @@ def build_bank(
         )
     _, _, gh, gw = features.shape
     feats = features.detach()
+    if feats.device.type == "mps":  # no float64 on MPS
+        feats = feats.to("cpu")
     all_vecs: list[torch.Tensor] = []
     fg_flags: list[bool] = []
     kinds: list[int] = []
@@ -228,16 +240,16 @@ def build_bank(
             f"build_bank: support set of {support.category!r} has empty foreground and "
             "background masks; regenerate it or supply masks"
         )
-    vectors = F.normalize(torch.stack(all_vecs), dim=1)
+    vectors = F.normalize(torch.stack(all_vecs), dim=1).to("cpu")
     offsets = np.zeros(len(members) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(m) for m in members])
     return PrototypeBank(
         category=support.category,
         extractor=extractor,
         vectors=vectors.contiguous(),
-        foreground=torch.tensor(fg_flags, dtype=torch.bool),
-        kinds=torch.tensor(kinds, dtype=torch.int8),
-        image_index=torch.tensor(images, dtype=torch.int32),
+        foreground=torch.tensor(fg_flags, dtype=torch.bool, device="cpu"),
+        kinds=torch.tensor(kinds, dtype=torch.int8, device="cpu"),
+        image_index=torch.tensor(images, dtype=torch.int32, device="cpu"),
         member_offsets=torch.from_numpy(offsets),
         member_cells=torch.from_numpy(np.concatenate(members)),
         grid_size=(gh, gw),

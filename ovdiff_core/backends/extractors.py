@@ -6,7 +6,10 @@ All three implement :class:`ovdiff_core.protocols.FeatureExtractor`:
   H, W >= ``stride``. Each extractor resizes the batch to the nearest size its model
   accepts (a multiple of the patch size, or of 64 for SD 1.x), so the output grid always
   covers the whole input: cell (r, c) covers input rows ``[r * H / h, (r + 1) * H / h)``.
-* output: (B, D, h, w) float32 on the CPU, not normalised.
+* output: (B, D, h, w) on the model's device (a CUDA model's features stay on the GPU:
+  stage 2 and 3 run there; only what is stored, banks and segmentations, is moved to the
+  CPU by its caller), in ``features_dtype`` (float32 by default, whatever the weights'
+  dtype; float16 halves the memory of large SD features), not normalised.
 
 Every extractor takes an already-built model in its constructor (tests pass tiny random
 models of the same classes) and has a ``from_pretrained`` builder that resolves weights
@@ -36,6 +39,7 @@ from ovdiff_core.backends.loading import (
     ensure_model,
     load_sd_pipeline,
     shared,
+    transformers_variant,
 )
 
 __all__ = [
@@ -100,6 +104,24 @@ def _param(module: nn.Module) -> torch.Tensor:
     return next(module.parameters())
 
 
+FEATURE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _features_dtype(dtype: torch.dtype, who: str) -> torch.dtype:
+    if dtype not in FEATURE_DTYPES:
+        raise ValueError(
+            f"{who}: features_dtype must be one of "
+            f"{[str(d).replace('torch.', '') for d in FEATURE_DTYPES]}, got {dtype!r}"
+        )
+    return dtype
+
+
+def _dtype_spec(dtype: torch.dtype) -> dict[str, Any]:
+    """Spec entry of a non-default features dtype (float32 adds nothing: cache keys of
+    float32 features are unchanged)."""
+    return {} if dtype == torch.float32 else {"features_dtype": str(dtype).replace("torch.", "")}
+
+
 def _as_size(value: int | Sequence[int] | None, who: str) -> tuple[int, int] | None:
     if value is None:
         return None
@@ -147,6 +169,8 @@ class DinoExtractor:
             size); by default each batch keeps its size, snapped to the patch grid.
         name: extractor name used by banks and segmentations.
         mean, std: per-channel normalisation applied to [0, 1] inputs.
+        features_dtype: dtype of the returned features (float32, float16, bfloat16),
+            independent of the weights' dtype.
     """
 
     def __init__(
@@ -159,6 +183,7 @@ class DinoExtractor:
         name: str = "dino",
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        features_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.model: Any = model.eval()
         self.model_id = model_id
@@ -185,6 +210,7 @@ class DinoExtractor:
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
         self.dim = int(self._key.out_features)
+        self.features_dtype = _features_dtype(features_dtype, "DinoExtractor")
         self._interp_kwarg = "interpolate_pos_encoding" in _forward_params(model)
 
     def spec(self) -> dict[str, Any]:
@@ -200,10 +226,17 @@ class DinoExtractor:
             "input_size": list(self.input_size) if self.input_size else None,
             "mean": list(self.mean),
             "std": list(self.std),
+            **_dtype_spec(self.features_dtype),
         }
 
+    @property
+    def device(self) -> torch.device:
+        """The model's device: where inputs are moved and features are returned."""
+        return _param(self.model).device
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) float [0, 1] -> (B, D, h, w) float32 CPU keys, h = round(H / patch)."""
+        """(B, 3, H, W) float [0, 1], any device -> (B, D, h, w) keys in ``features_dtype``
+        on the model's device, h = round(H / patch)."""
         _check_images(images, self.stride, "DinoExtractor")
         size = _model_size(images, self.patch_size, self.input_size)
         p = _param(self.model)
@@ -233,7 +266,7 @@ class DinoExtractor:
             raise RuntimeError(
                 f"DinoExtractor: expected {gh * gw} patch tokens, got {keys.shape[1]}"
             )
-        return keys.reshape(keys.shape[0], gh, gw, -1).permute(0, 3, 1, 2).float().cpu()
+        return keys.reshape(keys.shape[0], gh, gw, -1).permute(0, 3, 1, 2).to(self.features_dtype)
 
     @classmethod
     def from_pretrained(
@@ -252,7 +285,9 @@ class DinoExtractor:
                 ``facebook/dino-vitb8`` (``$OVDIFF_DINO_MODEL``) for "dino",
                 ``facebook/dinov2-small`` (``$OVDIFF_DINOV2_MODEL``) for "dinov2".
             revision, device, dtype: see :func:`~ovdiff_core.backends.loading.resolve_model`,
-                ``best_device``, ``best_dtype``.
+                ``best_device``, ``best_dtype``. In float16 a folder's
+                ``model.fp16.safetensors`` is read when it has one (``variant="fp16"``);
+                else the float32 weights are converted.
             kind: "dino" or "dinov2": picks the default id and the environment variable
                 named in errors (the architecture itself is read from the checkpoint).
             kwargs: constructor arguments (``layer``, ``input_size``, ``name``...).
@@ -266,7 +301,8 @@ class DinoExtractor:
         mid = model_id or default_model_id(kind)
         dev = torch.device(device) if device is not None else best_device()
         dt = dtype or best_dtype(dev)
-        path = ensure_model(ModelRef(kind, mid, revision))
+        path = ensure_model(ModelRef(kind, mid, revision, fp16=dt == torch.float16))
+        variant: dict[str, Any] = {"variant": v} if (v := transformers_variant(path, dt)) else {}
 
         def build() -> nn.Module:
             from transformers import AutoConfig, Dinov2Model, ViTModel
@@ -274,9 +310,9 @@ class DinoExtractor:
             config = AutoConfig.from_pretrained(path)
             model: Any
             if config.model_type == "dinov2":
-                model = Dinov2Model.from_pretrained(path, dtype=dt)
+                model = Dinov2Model.from_pretrained(path, dtype=dt, **variant)
             elif config.model_type == "vit":
-                model = ViTModel.from_pretrained(path, add_pooling_layer=False, dtype=dt)
+                model = ViTModel.from_pretrained(path, add_pooling_layer=False, dtype=dt, **variant)
             else:
                 raise ValueError(
                     f"DinoExtractor.from_pretrained: {mid!r} is a {config.model_type!r} model; "
@@ -313,6 +349,7 @@ class ClipExtractor:
         input_size: fixed (H, W) to resize to (multiples of 16); default: snap each batch.
         name: extractor name.
         mean, std: normalisation of [0, 1] inputs (OpenAI CLIP's by default).
+        features_dtype: dtype of the returned features (float32, float16, bfloat16).
     """
 
     def __init__(
@@ -325,6 +362,7 @@ class ClipExtractor:
         name: str = "clip",
         mean: Sequence[float] = OPENAI_CLIP_MEAN,
         std: Sequence[float] = OPENAI_CLIP_STD,
+        features_dtype: torch.dtype = torch.float32,
     ) -> None:
         visual: Any = getattr(model, "visual", model)
         for attr in ("conv1", "class_embedding", "positional_embedding", "transformer"):
@@ -360,7 +398,8 @@ class ClipExtractor:
         self.name = name
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
-        self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self.features_dtype = _features_dtype(features_dtype, "ClipExtractor")
+        self._pos_cache: dict[tuple[int, int, str, str], torch.Tensor] = {}
         self._lock = threading.Lock()
 
     def spec(self) -> dict[str, Any]:
@@ -376,17 +415,25 @@ class ClipExtractor:
             "input_size": list(self.input_size) if self.input_size else None,
             "mean": list(self.mean),
             "std": list(self.std),
+            **_dtype_spec(self.features_dtype),
         }
+
+    @property
+    def device(self) -> torch.device:
+        """The model's device: where inputs are moved and features are returned."""
+        return _param(self.visual).device
 
     def positional_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
         """(1 + gh * gw, D) positional embedding for a (gh, gw) patch grid: the class
         position unchanged, the patch grid resampled bicubically (antialiased), exactly as
         open_clip resizes a checkpoint for another image size."""
+        pos = self.visual.positional_embedding.detach()
+        # Keyed by device and dtype too: a model moved after a call gets its own entry.
+        key = (int(grid[0]), int(grid[1]), str(pos.device), str(pos.dtype))
         with self._lock:
-            if grid not in self._pos_cache:
-                pos = self.visual.positional_embedding.detach()
+            if key not in self._pos_cache:
                 if tuple(grid) == self.native_grid:
-                    self._pos_cache[grid] = pos
+                    self._pos_cache[key] = pos
                 else:
                     cls_pos, patch_pos = pos[:1], pos[1:]
                     d = patch_pos.shape[-1]
@@ -397,11 +444,12 @@ class ClipExtractor:
                         patch_pos, size=grid, mode="bicubic", align_corners=False, antialias=True
                     )
                     patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(-1, d).to(pos.dtype)
-                    self._pos_cache[grid] = torch.cat([cls_pos, patch_pos])
-            return self._pos_cache[grid]
+                    self._pos_cache[key] = torch.cat([cls_pos, patch_pos])
+            return self._pos_cache[key]
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) float [0, 1] -> (B, D, h, w) float32 CPU keys, h = round(H / 16)."""
+        """(B, 3, H, W) float [0, 1], any device -> (B, D, h, w) keys in ``features_dtype``
+        on the model's device, h = round(H / 16)."""
         _check_images(images, self.stride, "ClipExtractor")
         size = _model_size(images, self.patch_size, self.input_size)
         v: Any = self.visual
@@ -429,7 +477,7 @@ class ClipExtractor:
                 block.attn.in_proj_bias[d : 2 * d] if block.attn.in_proj_bias is not None else None
             )
             keys = F.linear(block.ln_1(x), w_k, b_k)[:, 1:, :]
-        return keys.reshape(keys.shape[0], gh, gw, d).permute(0, 3, 1, 2).float().cpu()
+        return keys.reshape(keys.shape[0], gh, gw, d).permute(0, 3, 1, 2).to(self.features_dtype)
 
     @classmethod
     def from_pretrained(
@@ -561,6 +609,9 @@ class SDFeatureExtractor:
         input_size: fixed (H, W) to resize to; default: snap each batch to a multiple of
             ``vae_scale * 2 ** (n_down_blocks - 1)`` (64 for SD 1.x).
         name: extractor name.
+        features_dtype: dtype of the returned features (float32, float16, bfloat16);
+            float16 halves the 7680-channel maps (about 1 GB per 8 images at 512 px in
+            float32).
     """
 
     def __init__(
@@ -577,6 +628,7 @@ class SDFeatureExtractor:
         seed: int = 0,
         input_size: int | Sequence[int] | None = None,
         name: str = "sd",
+        features_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.alphas_cumprod = alphas_cumprod.detach().float().cpu()
@@ -615,6 +667,7 @@ class SDFeatureExtractor:
                 f"SDFeatureExtractor: input_size {self.input_size} must be multiples of "
                 f"{self.multiple}"
             )
+        self.features_dtype = _features_dtype(features_dtype, "SDFeatureExtractor")
         self._empty: torch.Tensor | None = None
         self._lock = threading.Lock()
 
@@ -660,7 +713,13 @@ class SDFeatureExtractor:
             "seed": self.seed,
             "prompt": "",
             "input_size": list(self.input_size) if self.input_size else None,
+            **_dtype_spec(self.features_dtype),
         }
+
+    @property
+    def device(self) -> torch.device:
+        """The UNet's device: where inputs are moved and features are returned."""
+        return _param(self.unet).device
 
     def _empty_embedding(self) -> torch.Tensor:
         with self._lock:
@@ -679,8 +738,9 @@ class SDFeatureExtractor:
             return self._empty
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) float [0, 1] -> (B, D, H' / 8, W' / 8) float32 CPU query features,
-        where (H', W') is the input snapped to a multiple of 64 (SD 1.x)."""
+        """(B, 3, H, W) float [0, 1], any device -> (B, D, H' / 8, W' / 8) query features in
+        ``features_dtype`` on the UNet's device, where (H', W') is the input snapped to a
+        multiple of 64 (SD 1.x)."""
         _check_images(images, self.stride, "SDFeatureExtractor")
         size = _model_size(images, self.multiple, self.input_size)
         p = _param(self.unet)
@@ -723,7 +783,8 @@ class SDFeatureExtractor:
                 posterior = self.vae.encode(x.to(vae_dtype)).latent_dist
                 latents = posterior.mean.float() * float(self.vae.config.scaling_factor)
                 gen = torch.Generator(device="cpu").manual_seed(self.seed)
-                noise = torch.randn((1, *latents.shape[1:]), generator=gen).to(latents.device)
+                noise = torch.randn((1, *latents.shape[1:]), generator=gen, device="cpu")
+                noise = noise.to(latents.device)
                 a = self.alphas_cumprod[self.timestep].item()
                 noisy = a**0.5 * latents + (1 - a) ** 0.5 * noise
                 t = torch.full((b,), self.timestep, device=p.device, dtype=torch.long)
@@ -744,5 +805,5 @@ class SDFeatureExtractor:
                 q = q.float().reshape(b, gh, gw, -1).permute(0, 3, 1, 2)
                 if (gh, gw) != (lh, lw):
                     q = F.interpolate(q, size=(lh, lw), mode="bilinear", align_corners=False)
-                maps.append(q.cpu())
+                maps.append(q.to(self.features_dtype))
         return torch.cat(maps, dim=1)

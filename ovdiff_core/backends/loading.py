@@ -17,7 +17,13 @@ directory), see :data:`MODELS` and :func:`default_model_id`:
 * ``OVDIFF_CLIP_MODEL``: open_clip ViT-B/16 with OpenAI weights
   (``timm/vit_base_patch16_clip_224.openai``; a directory needs ``open_clip_config.json``).
 
-``OVDIFF_DEVICE`` (e.g. ``cpu``, ``cuda:1``) overrides :func:`best_device`.
+``OVDIFF_DEVICE`` (e.g. ``cpu``, ``cuda:1``) overrides :func:`best_device`;
+``OVDIFF_DTYPE`` (``float32``, ``float16``, ``bfloat16``) overrides :func:`best_dtype`.
+
+On CUDA the weights are float16 by default, read from the repo's fp16 variant files
+(``*.fp16.safetensors``, ``variant="fp16"``) where the folder has them; a folder without
+them gives its float32 weights converted to float16, with an :class:`FP16FallbackWarning`
+saying how to get the fp16 files. On the CPU everything is float32.
 
 Before a model is loaded, :func:`ensure_model` checks that every file the loader reads
 (its :func:`manifest`) is present and complete (:func:`check_file`: safetensors sizes
@@ -42,7 +48,9 @@ if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
 __all__ = [
+    "DTYPES",
     "MODELS",
+    "FP16FallbackWarning",
     "FileProblem",
     "MissingModel",
     "MissingModelsError",
@@ -56,6 +64,7 @@ __all__ = [
     "clear_shared",
     "default_model_id",
     "download_model",
+    "dtype_by_name",
     "ensure_model",
     "hub_offline",
     "load_sd_pipeline",
@@ -65,6 +74,7 @@ __all__ = [
     "resolve_model",
     "sd_variant",
     "shared",
+    "transformers_variant",
     "verify_model",
 ]
 
@@ -73,6 +83,11 @@ T = TypeVar("T")
 
 class ModelNotAvailableError(RuntimeError):
     """The weights of a model are neither on disk nor downloadable right now."""
+
+
+class FP16FallbackWarning(UserWarning):
+    """float16 was asked for but the model folder has no fp16 variant files: its float32
+    weights are read and converted (correct, but twice the bytes read)."""
 
 
 @dataclass(frozen=True)
@@ -147,8 +162,34 @@ def best_device() -> torch.device:
     return torch.device("cpu")
 
 
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def dtype_by_name(name: str) -> torch.dtype:
+    """The torch dtype for ``"float32"``, ``"float16"`` (``"fp16"``, ``"half"``) or
+    ``"bfloat16"`` (``"bf16"``); ValueError naming the choices otherwise."""
+    key = name.strip().lower().removeprefix("torch.")
+    key = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}.get(
+        key, key
+    )
+    if key not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[key]
+
+
 def best_dtype(device: torch.device | str) -> torch.dtype:
-    """float16 on CUDA, float32 elsewhere (CPU half precision is slow, MPS fp16 is fragile)."""
+    """Weights dtype for ``device``: ``OVDIFF_DTYPE`` if set, else float16 on CUDA and
+    float32 elsewhere (CPU half precision is slow, MPS fp16 is fragile)."""
+    override = os.environ.get("OVDIFF_DTYPE", "").strip()
+    if override:
+        try:
+            return dtype_by_name(override)
+        except ValueError as err:
+            raise ValueError(f"OVDIFF_DTYPE: {err}") from err
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
@@ -303,7 +344,10 @@ class ModelRef:
             ``"clip"``); picks the file manifest.
         model_id: hub id (``"org/name"``) or local directory.
         revision: hub revision; None = ``main``.
-        fp16: SD only: the ``*.fp16.safetensors`` variant (the GPU path runs in float16).
+        fp16: the weights run in float16 (the GPU path): SD needs its
+            ``*.fp16.safetensors`` variant (downloaded), DINO/DINOv2 accept a
+            ``model.fp16.safetensors`` in place of ``model.safetensors`` (their hub repos
+            have none, so nothing more is downloaded); ignored by TAESD and CLIP.
         safety_checker: SD only: also the NSFW safety checker and its image processor
             (required only when the repo's ``model_index.json`` lists them).
     """
@@ -386,6 +430,29 @@ def sd_variant(ref: ModelRef, root: str) -> str | None:
     return "fp16" if has16 or not has32 else None
 
 
+def transformers_variant(root: str, dtype: torch.dtype) -> str | None:
+    """``"fp16"`` when a transformers model folder ``root`` (DINO, DINOv2) holds
+    ``model.fp16.safetensors`` and the model runs in float16; None otherwise (the
+    float32 weights are loaded and converted)."""
+    has16 = os.path.isfile(os.path.join(root, "model.fp16.safetensors"))
+    return "fp16" if dtype == torch.float16 and has16 else None
+
+
+def fp16_fallback(what: str, root: str, files: Sequence[str]) -> None:
+    """Warn (:class:`FP16FallbackWarning`) that ``what`` in ``root`` runs in float16 from
+    its float32 weights because the fp16 variant ``files`` are not there."""
+    import warnings
+
+    warnings.warn(
+        f"{what} in {root} has no fp16 weights ({', '.join(files)}): loading its float32 "
+        "weights and converting them to float16. To read half the bytes, put the repo's "
+        "fp16 variant files there (`python -m ovdiff_core.backends.download --preset paper "
+        "--fp16` for hub models), or set OVDIFF_DTYPE=float32 to run in float32.",
+        FP16FallbackWarning,
+        stacklevel=2,
+    )
+
+
 def _read_json(path: str) -> Any:
     import json
 
@@ -395,6 +462,12 @@ def _read_json(path: str) -> Any:
 
 def _required(ref: ModelRef, root: str) -> list[tuple[str, ...]]:
     """Required files of ``ref`` in ``root``: groups of alternatives, preferred first."""
+    if ref.kind in ("dino", "dinov2") and ref.fp16:
+        # A local copy may hold only the fp16 variant (the hub repos have none).
+        return [
+            ("config.json",),
+            ("model.safetensors", *_ALTERNATIVES["model.safetensors"], "model.fp16.safetensors"),
+        ]
     if ref.kind != "sd":
         return [(f, *_ALTERNATIVES.get(f, ())) for f in manifest(ref)]
     variant = sd_variant(ref, root)
@@ -854,6 +927,13 @@ def load_sd_pipeline(
 
     def build_base() -> StableDiffusionPipeline:
         from diffusers import StableDiffusionPipeline
+
+        if ref.fp16 and not variant:
+            fp16_fallback(
+                f"Stable Diffusion {mid!r}",
+                path,
+                [f"{p}/{_WEIGHTS[lib].format(v='.fp16')}" for p, lib in _SD_PARTS],
+            )
 
         pipe = StableDiffusionPipeline.from_pretrained(
             path,

@@ -39,6 +39,7 @@ from ovdiff_core.backends.loading import (
     ProgressFn,
     check_model,
     default_model_id,
+    dtype_by_name,
 )
 from ovdiff_core.config import FAST_SEGMENT, PAPER_SEGMENT, PrototypeConfig, SegmentConfig
 
@@ -164,6 +165,7 @@ def build_ovdiff(
     use_cache: bool = True,
     seed: int = 0,
     progress: ProgressFn | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> OVDiff:
     """Build an :class:`~ovdiff_core.pipeline.OVDiff` from a preset.
 
@@ -182,6 +184,15 @@ def build_ovdiff(
             :data:`~ovdiff_core.backends.loading.ProgressFn`): "real" reports the file
             check, each download (bytes) and each model it loads, in order, then
             ``("ready", 1.0, ...)``; "tiny" reports only "ready".
+        dtype: weights dtype of every model (a ``torch.dtype`` or ``"float32"``,
+            ``"float16"``, ``"bfloat16"``); None = :func:`~ovdiff_core.backends.loading.
+            best_dtype` of the device (float16 on CUDA, float32 elsewhere, or
+            ``$OVDIFF_DTYPE``). float16 reads the SD fp16 variant files (see
+            :func:`preset_models`). Features are float32 whatever the weights' dtype.
+
+    Devices: every model lives on ``device``; features, prototype building (K-means)
+    and scoring stay there, and only banks (cached) and segmentations are moved to the
+    CPU.
 
     "real" first checks every model of the preset (:func:`check_preset_models`, no
     weights loaded): when some are missing or incomplete and the hub cannot be used,
@@ -198,10 +209,12 @@ def build_ovdiff(
     from ovdiff_core.pipeline import OVDiff
 
     p = _preset(preset)
+    if isinstance(dtype, str):
+        dtype = dtype_by_name(dtype)
     if backend == "real":
-        generator, extractors, scorer = _real_components(p, device, progress)
+        generator, extractors, scorer = _real_components(p, device, progress, dtype)
     elif backend == "tiny":
-        generator, extractors, scorer = _tiny_components(p, device, seed)
+        generator, extractors, scorer = _tiny_components(p, device, seed, dtype)
         if progress is not None:
             progress("ready", 1.0, "Tiny test models ready")
     else:
@@ -241,7 +254,8 @@ def preset_models(
         preset: a name in :data:`PRESETS` or a :class:`Preset`.
         device: decides ``fp16`` when that is None (float16 on CUDA, see
             :func:`~ovdiff_core.backends.loading.best_dtype`); None = the best device.
-        fp16: use the SD fp16 weights variant; None = from ``device``.
+        fp16: the models run in float16: SD needs its fp16 variant files, DINO/DINOv2
+            accept a local ``model.fp16.safetensors``; None = from ``device``.
     """
     from ovdiff_core.backends.loading import best_device, best_dtype
 
@@ -276,7 +290,8 @@ def preset_models(
             if cfg.model_id is not None:
                 add(ModelRef("sd", cfg.model_id, cfg.revision, fp16, True))
             continue
-        add(ModelRef(cfg.kind, cfg.model_id or default_model_id(cfg.kind), cfg.revision))
+        mid = cfg.model_id or default_model_id(cfg.kind)
+        add(ModelRef(cfg.kind, mid, cfg.revision, fp16 and cfg.kind in ("dino", "dinov2")))
     return list(refs.values())
 
 
@@ -284,21 +299,26 @@ def check_preset_models(
     preset: str | Preset,
     device: torch.device | str | None = None,
     cache_dir: str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> list[MissingModel]:
     """The models of ``preset`` (:func:`preset_models`) that are not complete on disk:
     not downloaded, or with missing or broken files. No network, no weights loaded.
 
     Args:
         preset: a name in :data:`PRESETS` or a :class:`Preset`.
-        device: decides whether the SD fp16 files are the ones needed.
+        device: decides whether the SD fp16 files are the ones needed (when ``dtype``
+            is None).
         cache_dir: hub cache; None = the default (``HF_HUB_CACHE``).
+        dtype: the weights dtype; float16 needs the SD fp16 files.
 
     Returns:
         One :class:`~ovdiff_core.backends.loading.MissingModel` per incomplete model
         (``.describe()`` says what is wrong and the command that fixes it); empty when
         every model is ready.
     """
-    return [m for r in preset_models(preset, device) if (m := check_model(r, cache_dir))]
+    fp16 = None if dtype is None else dtype == torch.float16
+    refs = preset_models(preset, device, fp16)
+    return [m for r in refs if (m := check_model(r, cache_dir))]
 
 
 def _prepare_models(refs: list[ModelRef], progress: ProgressFn | None) -> None:
@@ -340,7 +360,10 @@ def _load_model(ref: ModelRef, dev: torch.device, dt: torch.dtype) -> None:
 
 
 def _real_components(
-    p: Preset, device: torch.device | str | None, progress: ProgressFn | None = None
+    p: Preset,
+    device: torch.device | str | None,
+    progress: ProgressFn | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[Any, list[FeatureExtractor], Any]:
     from ovdiff_core.backends.extractors import ClipExtractor, DinoExtractor, SDFeatureExtractor
     from ovdiff_core.backends.generator import SDSupportGenerator
@@ -348,8 +371,8 @@ def _real_components(
     from ovdiff_core.backends.scorer import ClipScorer
 
     dev = torch.device(device) if device is not None else best_device()
-    dt = best_dtype(dev)
-    refs = preset_models(p, dev)
+    dt = dtype if dtype is not None else best_dtype(dev)
+    refs = preset_models(p, dev, fp16=dt == torch.float16)
     _prepare_models(refs, progress)
     for i, ref in enumerate(refs):
         if progress is not None:
@@ -427,26 +450,27 @@ def tiny_generation(config: GenerationConfig) -> GenerationConfig:
 
 
 def _tiny_components(
-    p: Preset, device: torch.device | str | None, seed: int
+    p: Preset, device: torch.device | str | None, seed: int, dtype: torch.dtype | None = None
 ) -> tuple[Any, list[FeatureExtractor], Any]:
     import open_clip
 
     from ovdiff_core.backends.extractors import ClipExtractor, DinoExtractor, SDFeatureExtractor
     from ovdiff_core.backends.generator import SDSupportGenerator
-    from ovdiff_core.backends.loading import shared
+    from ovdiff_core.backends.loading import best_dtype, shared
     from ovdiff_core.backends.proposer import make_proposer
     from ovdiff_core.backends.scorer import ClipScorer
     from ovdiff_core.backends.tiny_sd import tiny_sd_pipeline
     from ovdiff_core.backends.tiny_vision import tiny_dino, tiny_dinov2, tiny_open_clip
 
     dev = torch.device(device) if device is not None else torch.device("cpu")
+    dt = dtype if dtype is not None else best_dtype(dev)
 
-    def on_device(model: Any) -> Any:
-        return model.to(dev)
+    def on_device(model: Any) -> Any:  # built in float32
+        return model.to(dev) if dt == torch.float32 else model.to(dev, dt)
 
-    # One instance per tiny model per process, like the real models.
-    pipe = shared(("tiny_sd", seed, str(dev)), lambda: on_device(tiny_sd_pipeline(seed)))
-    clip = shared(("tiny_clip", seed, str(dev)), lambda: on_device(tiny_open_clip(seed)))
+    # One instance per tiny model per process (and device, dtype), like the real models.
+    pipe = shared(("tiny_sd", seed, str(dev), str(dt)), lambda: on_device(tiny_sd_pipeline(seed)))
+    clip = shared(("tiny_clip", seed, str(dev), str(dt)), lambda: on_device(tiny_open_clip(seed)))
     tag = f"tiny:seed={seed}"
 
     def make(cfg: ExtractorConfig) -> FeatureExtractor:
@@ -454,10 +478,12 @@ def _tiny_components(
         if cfg.kind == "sd":
             return SDFeatureExtractor.from_pipeline(pipe, model_id=f"{tag}:sd", **kwargs)
         if cfg.kind == "dino":
-            model = shared(("tiny_dino", seed, str(dev)), lambda: on_device(tiny_dino(seed)))
+            key = ("tiny_dino", seed, str(dev), str(dt))
+            model = shared(key, lambda: on_device(tiny_dino(seed)))
             return DinoExtractor(model, model_id=f"{tag}:dino", **kwargs)
         if cfg.kind == "dinov2":
-            model = shared(("tiny_dinov2", seed, str(dev)), lambda: on_device(tiny_dinov2(seed)))
+            key = ("tiny_dinov2", seed, str(dev), str(dt))
+            model = shared(key, lambda: on_device(tiny_dinov2(seed)))
             return DinoExtractor(model, model_id=f"{tag}:dinov2", **kwargs)
         return ClipExtractor(clip, model_id=f"{tag}:clip", **kwargs)
 

@@ -142,7 +142,8 @@ class FeatureClusterProposer:
         }
 
     def features(self, images: np.ndarray) -> torch.Tensor:
-        """(N, D, h, w) float32 features of (N, H, W, 3) uint8 images."""
+        """(N, D, h, w) float32 features of (N, H, W, 3) uint8 images, on the extractor's
+        device."""
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
         if self.input_size is not None:
             x = F.interpolate(
@@ -169,7 +170,7 @@ class FeatureClusterProposer:
         centroids = F.normalize(result.centroids, dim=1)  # (K', D)
         sims = (centroids @ cells.T).reshape(1, -1, gh, gw)  # (1, K', h, w)
         sims = F.interpolate(sims, size=tuple(image_size), mode="bilinear", align_corners=False)
-        return sims[0].argmax(dim=0).numpy()
+        return sims[0].argmax(dim=0).cpu().numpy()  # clustered on the features' device
 
     def __call__(self, images: np.ndarray) -> list[np.ndarray]:
         """Candidate segments, see :meth:`SegmentProposer.__call__`."""

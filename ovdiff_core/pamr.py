@@ -20,10 +20,11 @@ the weights are uniform (scores are smoothed), across a colour edge they are sma
 (score edges that follow colour edges are kept).
 
 Memory (float32): the affinities take ``4 * P * H * W`` bytes (48 neighbours at 1024 x
-1024: 201 MB); the scores are refined ``chunk`` classes at a time, each chunk holding
+1024: 192 MiB); the scores are refined ``chunk`` classes at a time, each chunk holding
 about four (chunk, H + 2 max(d), W + 2 max(d)) arrays; ``chunk`` is chosen so that they
-stay under ``budget_bytes`` (default 512 MB: 21 classes at 1024 x 1024 need about 400 MB,
-so one chunk; 171 classes are refined in chunks of 25).
+stay under ``budget_bytes`` (default 512 MiB: 21 classes at 1024 x 1024 need about
+370 MiB, one chunk; 171 classes go in chunks of 29). Measured peak on top of the inputs
+at 1024 x 1024 with 21 classes: 583 MiB (``benchmarks/bench_pamr.py``, CPU).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 __all__ = ["PAPER_PAMR", "PamrConfig", "pamr", "pamr_affinity"]
 
 _EPS = 1e-8  # added to the local standard deviation (flat regions: all weights equal)
-DEFAULT_BUDGET = 512 * 2**20  # bytes of working memory for the score chunks
+DEFAULT_BUDGET = 512 * 2**20  # bytes of working memory for the score chunks (512 MiB)
 
 
 @dataclass(frozen=True)

@@ -379,7 +379,7 @@ def _cmd_eval(args: argparse.Namespace, stdout: TextIO) -> int:
             "split": args.split,
             "names": "voc",
             "names_version": names_version("voc"),
-            "settings": _settings(args),
+            "settings": {**_settings(args), "mask_rule": model.prototypes.mask_rule},
             "images_per_s": result.images_per_s,
             "seconds": result.seconds,
         }
@@ -463,7 +463,6 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "no_stuff_filter": args.no_stuff_filter,
         "class_mean_only": args.class_mean_only,
         "extractors": args.extractors,
-        "mask_rule": args.mask_rule or "preset default",
         "pamr": bool(getattr(args, "pamr", False)),
     }
 

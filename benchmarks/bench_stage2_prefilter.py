@@ -125,7 +125,8 @@ def previous_build_bank(
     flat = features.detach().to(torch.float32).permute(0, 2, 3, 1).reshape(-1, d)
     vecs: list[torch.Tensor] = []
     for mask in (support.foreground, support.background):
-        cells = np.flatnonzero(region_to_grid(mask, (gh, gw)).reshape(-1)).astype(np.int64)
+        grid = region_to_grid(mask, (gh, gw), config.mask_rule)
+        cells = np.flatnonzero(grid.reshape(-1)).astype(np.int64)
         x = flat[torch.from_numpy(cells)]
         vecs.append(x.mean(0))
         img_of = cells // (gh * gw)

@@ -29,6 +29,7 @@ from typing import Any, TextIO
 import numpy as np
 from PIL import Image, ImageOps
 
+from ovdiff_core.config import MASK_RULES
 from ovdiff_core.evaluation.datasets import (
     DATASETS,
     NAME_SETS,
@@ -36,6 +37,7 @@ from ovdiff_core.evaluation.datasets import (
     open_dataset,
     voc_palette,
 )
+from ovdiff_core.pamr import PAPER_PAMR, PamrConfig, pamr
 from ovdiff_core.pipeline import OVDiff, clean_category_name
 from ovdiff_core.stuff import STUFF, is_stuff
 
@@ -258,12 +260,22 @@ def _read_rgb(path: Path) -> np.ndarray:
         raise CLIError(f"{path}: cannot read this image ({err}); skip or re-save it") from None
 
 
-def _segment_one(model: OVDiff, path: Path, names: Sequence[str], out: Path, stem: str) -> dict:
+def _segment_one(
+    model: OVDiff,
+    path: Path,
+    names: Sequence[str],
+    out: Path,
+    stem: str,
+    refine: PamrConfig | None = None,
+) -> dict:
     image = _read_rgb(path)
     seg = model.segment(image, names=list(names))
     vocab_index = {n: i + 1 for i, n in enumerate(names)}
     lut = np.array([0] + [vocab_index[n] for n in seg.class_names[1:]], dtype=np.int64)
-    labels = lut[seg.labels]  # 0 = background, i = names[i - 1]
+    kept = seg.labels
+    if refine is not None:
+        kept = pamr(image, seg.scores, refine.iterations, refine.dilations).argmax(axis=0)
+    labels = lut[kept]  # 0 = background, i = names[i - 1]
     palette = voc_palette()
     png = Image.fromarray(labels.astype(np.uint8))
     png.putpalette(palette.ravel().tolist())
@@ -319,7 +331,7 @@ def _cmd_segment(args: argparse.Namespace, stdout: TextIO) -> int:
         if seen[stem] > 1:
             stem = f"{stem}-{seen[stem]}"
         try:
-            record = _segment_one(model, path, names, out, stem)
+            record = _segment_one(model, path, names, out, stem, _refine(args))
         except (CLIError, ValueError) as err:
             print(f"ovdiff segment: {err}", file=sys.stderr)
             failed += 1
@@ -347,7 +359,13 @@ def _cmd_eval(args: argparse.Namespace, stdout: TextIO) -> int:
     build_vocabulary(model, ds.names, args.quiet)
     with _bar(args.quiet, total=len(ds), desc="images", unit="img") as bar:
         result = evaluate(
-            model, ds, ds.names, ds.class_names, background, on_image=lambda *_: bar.update(1)
+            model,
+            ds,
+            ds.names,
+            ds.class_names,
+            background,
+            on_image=lambda *_: bar.update(1),
+            refine=_refine(args),
         )
     m = result.metrics
     print(f"## {ds.name} ({args.split}, {m.n_images} images)\n", file=stdout)
@@ -365,7 +383,7 @@ def _cmd_eval(args: argparse.Namespace, stdout: TextIO) -> int:
             "split": args.split,
             "names": ds.names_set,
             "names_version": names_version(ds.names_set),
-            "settings": _settings(args),
+            "settings": {**_settings(args), "mask_rule": model.prototypes.mask_rule},
             "images_per_s": result.images_per_s,
             "seconds": result.seconds,
         }
@@ -402,8 +420,15 @@ def _cmd_convert(args: argparse.Namespace, stdout: TextIO) -> int:
     return 0
 
 
+def _refine(args: argparse.Namespace) -> PamrConfig | None:
+    """The PAMR settings of ``--pamr`` (the paper's), or None."""
+    return PAPER_PAMR if getattr(args, "pamr", False) else None
+
+
 def _model(args: argparse.Namespace, names: Sequence[str]) -> OVDiff:
     model = make_model(args.backend, args.preset, names, args.cache, args.support_size, args.device)
+    if args.mask_rule is not None:  # banks are built anew under their own cache keys
+        model.prototypes = replace(model.prototypes, mask_rule=args.mask_rule)
     return apply_ablations(
         model,
         background=not args.no_background,
@@ -469,6 +494,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "no_stuff_filter": args.no_stuff_filter,
         "class_mean_only": args.class_mean_only,
         "extractors": args.extractors,
+        "pamr": bool(getattr(args, "pamr", False)),
     }
 
 
@@ -490,6 +516,13 @@ def _parser() -> argparse.ArgumentParser:
     ablation.add_argument(
         "--extractors", default=None, help="extractors to keep, e.g. sd or clip,dino"
     )
+    ablation.add_argument(
+        "--mask-rule",
+        choices=MASK_RULES,
+        default=None,
+        help="support mask -> feature cells: any (paper), majority (default), eroded",
+    )
+    pamr_help = "refine scores with PAMR (10 iterations, dilations 1,2,4,8,12,24)"
     parser = argparse.ArgumentParser(
         prog="ovdiff", description="OVDiff open-vocabulary segmentation from the command line"
     )
@@ -505,12 +538,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files and/or folders")
     p.add_argument("--vocab", required=True, help="as for build")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--pamr", action="store_true", help=pamr_help)
     p = sub.add_parser("eval", parents=[common], help="mIoU on a benchmark")
     p.add_argument("dataset", help="voc (= voc21), voc20, context60, context59 or coco-object")
     p.add_argument("--root", required=True, help="dataset folder (see README)")
     p.add_argument("--split", default="val", help="image list (default val)")
     p.add_argument("--limit", type=int, default=None, help="first N images only")
     p.add_argument("--out", default=None, help="folder for the JSON and Markdown results")
+    p.add_argument("--pamr", action="store_true", help=pamr_help)
     p = sub.add_parser("convert", help="one-time conversion of Context / COCO annotations")
     p.add_argument("dataset", choices=("context", "coco-object"))
     p.add_argument("--src", required=True, help="Context download, or the COCO folder")

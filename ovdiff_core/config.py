@@ -5,10 +5,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-__all__ = ["PrototypeConfig", "SegmentConfig"]
+__all__ = ["MASK_RULES", "PrototypeConfig", "SegmentConfig"]
 
 # Bump when a change to the algorithm changes the bytes of cached banks.
 ALGORITHM_VERSION = 1
+
+# How a support mask becomes feature-grid cells (see ovdiff_core.prototypes.region_to_grid):
+# "any" = a cell is inside if any of its pixels is (the paper's rule); "majority" = more than
+# half of its pixels are; "eroded" = all of its pixels are.
+MASK_RULES = ("any", "majority", "eroded")
 
 
 @dataclass(frozen=True)
@@ -22,6 +27,16 @@ class PrototypeConfig:
     class_level: bool = True  # keep the class-mean prototype (fg and bg)
     instance_level: bool = True  # keep one prototype per support image
     part_level: bool = True  # keep K part prototypes
+    mask_rule: str = "majority"  # mask -> grid cells: "any" (paper), "majority", "eroded";
+    #   "majority" keeps cells that are mostly another region out of part prototypes
+
+    def __post_init__(self) -> None:
+        if self.mask_rule not in MASK_RULES:
+            raise ValueError(
+                f"PrototypeConfig.mask_rule must be one of {MASK_RULES}, got {self.mask_rule!r}"
+            )
+        if self.n_parts < 0:
+            raise ValueError(f"PrototypeConfig.n_parts must be >= 0, got {self.n_parts}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

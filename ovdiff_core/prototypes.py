@@ -8,11 +8,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ovdiff_core.config import ALGORITHM_VERSION, PrototypeConfig
+from ovdiff_core.config import ALGORITHM_VERSION, MASK_RULES, PrototypeConfig
 from ovdiff_core.kmeans import kmeans
 from ovdiff_core.types import PrototypeBank, PrototypeKind, SupportSet
 
-__all__ = ["build_bank", "region_to_grid"]
+__all__ = ["build_bank", "region_coverage", "region_to_grid"]
 
 
 def cell_edges(size: int, cells: int) -> np.ndarray:
@@ -20,23 +20,60 @@ def cell_edges(size: int, cells: int) -> np.ndarray:
     return (np.arange(cells + 1) * size) // cells
 
 
-def region_to_grid(mask: np.ndarray, grid_size: tuple[int, int]) -> np.ndarray:
-    """Resize image-resolution masks to a feature grid; any overlap counts as inside.
+def region_coverage(mask: np.ndarray, grid_size: tuple[int, int]) -> np.ndarray:
+    """Fraction of each feature-grid cell's pixels that lie inside the mask.
 
     Args:
         mask: (N, H, W) bool, H >= gh and W >= gw.
         grid_size: (gh, gw).
 
     Returns:
-        (N, gh, gw) bool; cell (r, c) is True if any pixel of its span (see
-        :func:`cell_edges`) is True.
+        (N, gh, gw) float64 in [0, 1]; cell (r, c) spans the pixels of
+        :func:`cell_edges` (rows ``edges_h[r]:edges_h[r + 1]``, likewise columns).
     """
     _, h, w = mask.shape
     gh, gw = grid_size
     if h < gh or w < gw:
         raise ValueError(f"region_to_grid: mask {h}x{w} is smaller than the grid {gh}x{gw}")
-    rows = np.logical_or.reduceat(mask, cell_edges(h, gh)[:-1], axis=1)
-    return np.logical_or.reduceat(rows, cell_edges(w, gw)[:-1], axis=2)
+    rows, cols = cell_edges(h, gh), cell_edges(w, gw)
+    counts = np.add.reduceat(mask.astype(np.int32), rows[:-1], axis=1)
+    counts = np.add.reduceat(counts, cols[:-1], axis=2)
+    areas = np.diff(rows)[:, None] * np.diff(cols)[None, :]
+    return counts / areas[None]
+
+
+def region_to_grid(mask: np.ndarray, grid_size: tuple[int, int], rule: str = "any") -> np.ndarray:
+    """Resize image-resolution masks to a feature grid.
+
+    Args:
+        mask: (N, H, W) bool, H >= gh and W >= gw.
+        grid_size: (gh, gw).
+        rule: when a cell (r, c) (its pixel span is given by :func:`cell_edges`) is inside:
+            ``"any"``: any of its pixels is True (the paper's rule); ``"majority"``: more
+            than half of them are; ``"eroded"``: all of them are. With "majority" and
+            "eroded", an image whose mask has pixels but no cell that passes the rule
+            keeps its best-covered cells (all cells of the highest coverage), so that
+            thin or small regions still give features.
+
+    Returns:
+        (N, gh, gw) bool.
+    """
+    if rule not in MASK_RULES:
+        raise ValueError(f"region_to_grid: rule must be one of {MASK_RULES}, got {rule!r}")
+    if rule == "any":
+        _, h, w = mask.shape
+        gh, gw = grid_size
+        if h < gh or w < gw:
+            raise ValueError(f"region_to_grid: mask {h}x{w} is smaller than the grid {gh}x{gw}")
+        rows = np.logical_or.reduceat(mask, cell_edges(h, gh)[:-1], axis=1)
+        return np.logical_or.reduceat(rows, cell_edges(w, gw)[:-1], axis=2)
+    cover = region_coverage(mask, grid_size)
+    grid = cover > 0.5 if rule == "majority" else cover >= 1.0
+    best = cover.reshape(len(cover), -1).max(axis=1)
+    lost = ~grid.reshape(len(grid), -1).any(axis=1) & (best > 0)
+    if lost.any():
+        grid[lost] = cover[lost] == best[lost, None, None]
+    return grid
 
 
 class _RegionRows:
@@ -195,7 +232,8 @@ def build_bank(
             device (a GPU's features stay there; MPS features are moved to the CPU,
             which has the float64 sums MPS lacks).
         extractor: the extractor's name, recorded in the bank.
-        config: prototype settings (K, seed, which levels).
+        config: prototype settings (K, seed, which levels, and the rule that resizes the
+            support masks to the feature grid, ``mask_rule``: see :func:`region_to_grid`).
 
     Returns:
         A :class:`PrototypeBank` with foreground prototypes first (class, instances,
@@ -227,7 +265,7 @@ def build_bank(
     images: list[int] = []
     members: list[np.ndarray] = []
     for is_fg, mask in ((True, support.foreground), (False, support.background)):
-        grid = region_to_grid(mask, (gh, gw))
+        grid = region_to_grid(mask, (gh, gw), config.mask_rule)
         flat_cells = np.flatnonzero(grid.reshape(-1)).astype(np.int64)
         v, k, i, m = _region_prototypes(feats, flat_cells, config)
         all_vecs += v

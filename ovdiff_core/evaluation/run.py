@@ -11,6 +11,7 @@ import numpy as np
 
 from ovdiff_core.evaluation.datasets import Sample
 from ovdiff_core.evaluation.metrics import ConfusionMatrix, SegMetrics
+from ovdiff_core.pamr import PamrConfig, pamr
 from ovdiff_core.segment import Segmentation
 
 __all__ = ["EvalResult", "Segmenter", "evaluate", "labels_for"]
@@ -22,7 +23,13 @@ class Segmenter(Protocol):
     def segment(self, image: np.ndarray, names: Sequence[str] | None = None) -> Segmentation: ...
 
 
-def labels_for(seg: Segmentation, class_names: Sequence[str], background: bool) -> np.ndarray:
+def labels_for(
+    seg: Segmentation,
+    class_names: Sequence[str],
+    background: bool,
+    refine: PamrConfig | None = None,
+    image: np.ndarray | None = None,
+) -> np.ndarray:
     """A segmentation's labels as indices of a dataset's ``class_names``.
 
     Args:
@@ -32,6 +39,10 @@ def labels_for(seg: Segmentation, class_names: Sequence[str], background: bool) 
         background: whether the dataset has a background class (named "background").
             Without one (VOC20, PC59) each pixel takes the best-scoring kept *object*
             class, the protocol of the literature for these variants.
+        refine: PAMR settings: refine ``seg.scores`` (all C + 1 channels) with
+            :func:`~ovdiff_core.pamr.pamr` on ``image`` before the argmax; None = the
+            model's own labels.
+        image: (H, W, 3) uint8, the segmented image (needed with ``refine``).
 
     Returns:
         (H, W) int64 dataset labels; -1 where the predicted class is not one of the
@@ -39,12 +50,19 @@ def labels_for(seg: Segmentation, class_names: Sequence[str], background: bool) 
     """
     index = {n: i for i, n in enumerate(class_names)}
     objects = [index.get(n, -1) for n in seg.class_names[1:]]
+    scores = None  # all channels' maps: materialised only for PAMR
+    if refine is not None:
+        if image is None:
+            raise ValueError("labels_for: PAMR needs the image (pass image=)")
+        scores = pamr(image, seg.scores, refine.iterations, refine.dilations)
     if background:
         lut = np.array([index["background"], *objects], dtype=np.int64)
-        return lut[seg.labels]
+        return lut[seg.labels if scores is None else scores.argmax(axis=0)]
     if not objects:
         return np.full(seg.labels.shape, -1, dtype=np.int64)
-    return np.array([-1, *objects], dtype=np.int64)[seg.object_labels()]
+    if scores is None:
+        return np.array([-1, *objects], dtype=np.int64)[seg.object_labels()]
+    return np.array(objects, dtype=np.int64)[scores[1:].argmax(axis=0)]
 
 
 @dataclass
@@ -72,6 +90,7 @@ def evaluate(
     class_names: Sequence[str],
     background: bool,
     on_image: Callable[[Sample, np.ndarray], None] | None = None,
+    refine: PamrConfig | None = None,
 ) -> EvalResult:
     """Segment every sample with the categories ``names`` (built already) and score it.
 
@@ -82,12 +101,14 @@ def evaluate(
         class_names: the dataset's evaluated classes in label order.
         background: whether ``class_names`` has background (see :func:`labels_for`).
         on_image: called after each image with the sample and its (H, W) predicted labels.
+        refine: PAMR settings to refine every image's scores with (see :func:`labels_for`);
+            None = no refinement.
     """
     matrix = ConfusionMatrix(class_names)
     start = time.perf_counter()
     for sample in samples:
         seg = model.segment(sample.image, names=list(names))
-        pred = labels_for(seg, class_names, background)
+        pred = labels_for(seg, class_names, background, refine, sample.image)
         matrix.update(pred, sample.label)
         if on_image is not None:
             on_image(sample, pred)

@@ -45,6 +45,7 @@ __all__ = [
     "apply_ablations",
     "build_sharded",
     "build_vocabulary",
+    "evaluate_sharded",
     "main",
     "make_model",
     "resolve_vocabulary",
@@ -327,12 +328,23 @@ def _build_all(model: OVDiff, names: Sequence[str], quiet: bool) -> None:
     build_vocabulary(model, names, quiet=True)  # all from the cache now
 
 
-def _evaluate_sharded(
-    model: OVDiff, ds: VOCSegmentation, background: bool, quiet: bool
+def evaluate_sharded(
+    model: OVDiff,
+    ds: VOCSegmentation,
+    background: bool,
+    quiet: bool = False,
+    names: Sequence[str] | None = None,
 ) -> EvalResult:
-    """:func:`~ovdiff_core.evaluation.run.evaluate` over this rank's images (strided: image
-    i on rank i % world), the confusion matrices summed over the ranks. ``seconds`` is the
-    slowest rank's; the result is the same on every rank."""
+    """:func:`~ovdiff_core.evaluation.run.evaluate` split over the processes of a launch.
+
+    Each rank segments its images (strided: image i on rank i % world) with the categories
+    ``names`` (default ``ds.names``; built already), then the confusion matrices and image
+    counts are summed over the ranks (exact int64 sums, so the metrics equal a
+    one-process run's). ``seconds`` is the slowest rank's. Progress bar on rank 0 only.
+
+    Returns:
+        The dataset-level result, the same on every rank.
+    """
     from ovdiff_core.evaluation.metrics import ConfusionMatrix
     from ovdiff_core.evaluation.run import EvalResult, evaluate
 
@@ -341,7 +353,12 @@ def _evaluate_sharded(
     samples = ds if ctx.world_size == 1 else (ds[i] for i in indices)
     with _bar(quiet or not ctx.is_main, total=len(indices), desc="images", unit="img") as bar:
         local = evaluate(
-            model, samples, ds.names, ds.class_names, background, on_image=lambda *_: bar.update(1)
+            model,
+            samples,
+            ds.names if names is None else names,
+            ds.class_names,
+            background,
+            on_image=lambda *_: bar.update(1),
         )
     if ctx.world_size == 1:
         return local
@@ -457,7 +474,7 @@ def _cmd_eval(args: argparse.Namespace, stdout: TextIO) -> int:
         raise CLIError(str(err)) from None
     model = _model(args, ds.names)
     _build_all(model, ds.names, args.quiet)
-    result = _evaluate_sharded(model, ds, background, args.quiet)
+    result = evaluate_sharded(model, ds, background, args.quiet)
     if not current().is_main:
         return 0
     m = result.metrics

@@ -19,6 +19,7 @@ little gain there; on GPUs each process has its own device.
 
     python benchmarks/bench_distributed.py --quick     # 2 classes x 2 images, 4 eval images
     python benchmarks/bench_distributed.py             # 4 classes x 8 images, 16 eval images
+    python benchmarks/bench_distributed.py --quick --procs 1 --threads 1   # thread effect
 """
 
 from __future__ import annotations
@@ -118,9 +119,9 @@ def _child(args: argparse.Namespace) -> None:
             print("RESULT " + json.dumps(record), flush=True)
 
 
-def _launch(procs: int, child_args: list[str], timeout: float) -> dict | str:
+def _launch(procs: int, threads: int | None, child_args: list[str], timeout: float) -> dict | str:
     cores = os.cpu_count() or 1
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // procs))}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads or max(1, cores // procs))}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(var, None)
     script = [str(Path(__file__).resolve()), "--child", *child_args]
@@ -146,6 +147,7 @@ def main() -> None:
     ap.add_argument("--support", type=int, default=None, help="support images per class")
     ap.add_argument("--images", type=int, default=None, help="eval images")
     ap.add_argument("--procs", default="1,2", help="process counts to compare")
+    ap.add_argument("--threads", type=int, default=None, help="per process (cores / procs)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per configuration")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--root", help=argparse.SUPPRESS)
@@ -183,7 +185,7 @@ def main() -> None:
             child = ["--root", str(root), "--cache", str(Path(tmp) / f"cache-{procs}"),
                      "--classes", str(classes), "--support", str(support),
                      "--images", str(images)]  # fmt: skip
-            r = _launch(procs, child, args.timeout)
+            r = _launch(procs, args.threads, child, args.timeout)
             if isinstance(r, str):
                 print(f"| {procs} | failed: {r.splitlines()[-1] if r else ''} | | | | |")
                 continue

@@ -277,7 +277,8 @@ def distributed(
         The :class:`DistContext`. One process (no ``WORLD_SIZE``, or 1): no
         ``torch.distributed`` call at all, device = CPU unless CUDA is available (then
         ``cuda:0``). Several: the process group is initialised from ``MASTER_ADDR`` /
-        ``MASTER_PORT`` and destroyed on exit, also when the block raises.
+        ``MASTER_PORT`` and destroyed on exit, also when the block raises; a group that
+        the caller initialised already is used and left open.
 
     Raises:
         ValueError: inconsistent launch variables, an unknown backend, or more processes
@@ -298,6 +299,14 @@ def distributed(
     if not dist.is_available():
         raise ValueError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     device = pick_device(env.local_rank)
+    if dist.is_initialized():  # the caller's own group (e.g. main() inside a training script)
+        ctx = DistContext(env, device, str(dist.get_backend()))
+        _CURRENT.append(ctx)
+        try:
+            yield ctx
+        finally:
+            _CURRENT.pop()
+        return
     name = (
         backend
         or env_vars.get("OVDIFF_DIST_BACKEND")

@@ -10,7 +10,6 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +35,12 @@ def _env() -> dict[str, str]:
     return env
 
 
-def torchrun(*argv: str, cwd: Path, script: Path | None = None) -> subprocess.CompletedProcess:
+def torchrun(
+    *argv: str, cwd: Path, script: Path | None = None, script_args: tuple[str, ...] | list[str] = ()
+) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc_per_node", "2"]  # fmt: skip
-    target = [str(script)] if script else ["-m", "ovdiff_core", *argv, "--quiet"]
+    target = [str(script), *script_args] if script else ["-m", "ovdiff_core", *argv, "--quiet"]
     proc = subprocess.run(
         [*launcher, *target], capture_output=True, text=True, env=_env(), cwd=cwd,
         timeout=TIMEOUT_S,
@@ -131,49 +132,57 @@ def test_one_process_never_touches_torch_distributed(monkeypatch, tmp_path):
 # --------------------------------------------------------------------------- collectives
 
 
+COLLECTIVES = """
+import json, os, sys
+import numpy as np
+import torch.distributed as dist
+from ovdiff_core.distributed import distributed
+
+result = {}
+if sys.argv[1] == "own":  # distributed() initialises the group; the block raises at the end
+    try:
+        with distributed() as ctx:
+            r = ctx.rank
+            total = ctx.all_reduce(np.array([[r + 1, 10 * r]], dtype=np.int32))
+            top = ctx.all_reduce(np.array([0.5 + r]), op="max")
+            rows = ctx.all_gather_json({"rank": r, "name": "é" * (r + 1), "x": [r] * r})
+            ctx.barrier()
+            result = dict(total=total.tolist(), dtype=str(total.dtype), top=top.tolist(),
+                          rows=rows, mine=ctx.shard(list(range(7))), backend=ctx.backend)
+            raise KeyError("boom")
+    except KeyError:
+        result["initialized_after_error"] = dist.is_initialized()
+else:  # the caller's own group is used and left open
+    dist.init_process_group("gloo")
+    with distributed() as ctx:
+        result["reused"] = int(ctx.all_reduce(np.array([1]))[0])
+    result["still_open"] = dist.is_initialized()
+    dist.destroy_process_group()
+path = os.path.join(os.path.dirname(__file__), f"{sys.argv[1]}{os.environ['RANK']}.json")
+with open(path, "w") as f:
+    json.dump(result, f)
+"""
+
+
 def test_collectives_and_shutdown_on_error_with_two_gloo_processes(tmp_path):
     """all_reduce (sum, max), all_gather_json and barrier across 2 ranks; a block that
-    raises still destroys the process group."""
+    raises still destroys the process group; a group the caller opened stays open."""
     script = tmp_path / "collectives.py"
-    script.write_text(
-        textwrap.dedent(
-            """
-            import json, os
-            import numpy as np
-            import torch.distributed as dist
-            from ovdiff_core.distributed import distributed
-
-            with distributed() as ctx:
-                r = ctx.rank
-                total = ctx.all_reduce(np.array([[r + 1, 10 * r]], dtype=np.int32))
-                top = ctx.all_reduce(np.array([0.5 + r]), op="max")
-                rows = ctx.all_gather_json({"rank": r, "name": "é" * (r + 1), "x": [r] * r})
-                ctx.barrier()
-                mine = ctx.shard(list(range(7)))
-            try:
-                with distributed() as ctx:
-                    raise KeyError("boom")
-            except KeyError:
-                pass
-            result = dict(total=total.tolist(), dtype=str(total.dtype), top=top.tolist(),
-                          rows=rows, mine=mine, backend=ctx.backend,
-                          initialized=dist.is_initialized())
-            path = os.path.join(os.path.dirname(__file__), f"rank{os.environ['RANK']}.json")
-            with open(path, "w") as f:
-                json.dump(result, f)
-            """
-        )
-    )
-    torchrun(cwd=tmp_path, script=script)
-    r0 = json.loads((tmp_path / "rank0.json").read_text())
-    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    script.write_text(COLLECTIVES)
+    torchrun(cwd=tmp_path, script=script, script_args=["own"])
+    r0 = json.loads((tmp_path / "own0.json").read_text())
+    r1 = json.loads((tmp_path / "own1.json").read_text())
     assert r0["total"] == r1["total"] == [[3, 10]] and r0["dtype"] == "int64"
     assert r0["top"] == r1["top"] == [1.5]
     rows = [{"rank": 0, "name": "é", "x": []}, {"rank": 1, "name": "éé", "x": [1]}]
     assert r0["rows"] == r1["rows"] == rows
     assert r0["mine"] == [0, 2, 4, 6] and r1["mine"] == [1, 3, 5]
     assert r0["backend"] == "gloo"
-    assert not r0["initialized"] and not r1["initialized"]
+    assert r0["initialized_after_error"] is False and r1["initialized_after_error"] is False
+    torchrun(cwd=tmp_path, script=script, script_args=["caller"])
+    for rank in (0, 1):
+        data = json.loads((tmp_path / f"caller{rank}.json").read_text())
+        assert data == {"reused": 2, "still_open": True}
 
 
 # --------------------------------------------------------------------------- commands

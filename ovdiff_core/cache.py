@@ -39,6 +39,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -131,6 +132,27 @@ def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def _sort_metadata(f: Any) -> None:
+    """Rewrite a safetensors file's header with its metadata keys sorted, in place.
+
+    safetensors stores the metadata dict in hash-map order, which changes from process to
+    process; sorted, the same entry has the same bytes whoever writes it (builds split
+    over several processes, or rerun, give byte-identical caches). Same keys and values,
+    so the header keeps its length and the tensor bytes do not move.
+    """
+    (n,) = struct.unpack("<Q", f.read(8))
+    raw = f.read(n)
+    head = json.loads(raw)
+    if "__metadata__" in head:
+        head["__metadata__"] = dict(sorted(head["__metadata__"].items()))
+    text = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(text) > n:  # never: reordering keeps the length; leave the valid file as it is
+        return
+    f.seek(8)
+    f.write(text + b" " * (n - len(text)))  # safetensors pads its header with spaces
+    f.flush()
 
 
 class CacheWriteError(OSError):
@@ -331,6 +353,7 @@ class Cache:
             tmp = tmp_dir / "entry.safetensors"
             save_file(tensors, str(tmp), metadata=header)
             with open(tmp, "rb+") as f:
+                _sort_metadata(f)
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         finally:

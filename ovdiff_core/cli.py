@@ -13,6 +13,11 @@ Every command takes ``--backend real|tiny|color`` (``color``: the colour world o
 ``--support-size N``. Builds are resumable: classes already in the cache are loaded, not
 rebuilt. Progress goes to stderr as tqdm bars (``--quiet`` turns them off); results go to
 stdout. Also runs as ``python -m ovdiff_core``.
+
+Under ``torchrun`` or ``accelerate launch`` (see :mod:`ovdiff_core.distributed`) every
+command splits its work over the processes: ``build`` the classes, ``eval`` and ``segment``
+the images; rank 0 prints the merged results and writes the result files. One process
+runs exactly as before.
 """
 
 from __future__ import annotations
@@ -22,14 +27,15 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from ovdiff_core.config import MASK_RULES
+from ovdiff_core.distributed import current, distributed
 from ovdiff_core.evaluation.datasets import (
     DATASETS,
     NAME_SETS,
@@ -41,10 +47,16 @@ from ovdiff_core.pamr import PAPER_PAMR, PamrConfig, pamr
 from ovdiff_core.pipeline import OVDiff, clean_category_name
 from ovdiff_core.stuff import STUFF, is_stuff
 
+if TYPE_CHECKING:
+    from ovdiff_core.evaluation.datasets import Dataset
+    from ovdiff_core.evaluation.run import EvalResult
+
 __all__ = [
     "BuildRow",
     "apply_ablations",
+    "build_sharded",
     "build_vocabulary",
+    "evaluate_sharded",
     "main",
     "make_model",
     "resolve_vocabulary",
@@ -303,14 +315,153 @@ def _segment_one(
     return record
 
 
+# --------------------------------------------------------------------------- processes
+# Several processes under torchrun / accelerate launch (ovdiff_core.distributed). With one
+# process each helper does exactly what the commands did before.
+
+
+def build_sharded(model: OVDiff, names: Sequence[str], quiet: bool = False) -> list[BuildRow]:
+    """:func:`build_vocabulary` split over the processes of a launch.
+
+    Each rank builds its round-robin share of ``names`` (class i on rank i % world) into the
+    shared cache, then the rows of every rank are gathered (which waits for all ranks).
+    Progress bars only on rank 0. One process: :func:`build_vocabulary` itself.
+
+    Returns:
+        One row per class of ``names``, in that order, on every rank.
+    """
+    ctx = current()
+    if ctx.world_size == 1:
+        return build_vocabulary(model, names, quiet)
+    mine = build_vocabulary(model, ctx.shard(list(names)), quiet or not ctx.is_main)
+    parts = ctx.all_gather_json([asdict(r) for r in mine])
+    rows = {r["name"]: BuildRow(**r) for part in parts for r in part}
+    return [rows[n] for n in names]
+
+
+def _build_all(model: OVDiff, names: Sequence[str], quiet: bool) -> None:
+    """Every class of ``names`` ready in ``model``: built by its rank, loaded by the others."""
+    if current().world_size == 1:
+        build_vocabulary(model, names, quiet)
+        return
+    build_sharded(model, names, quiet)
+    build_vocabulary(model, names, quiet=True)  # all from the cache now
+
+
+def evaluate_sharded(
+    model: OVDiff,
+    ds: Dataset,
+    background: bool,
+    quiet: bool = False,
+    names: Sequence[str] | None = None,
+    refine: PamrConfig | None = None,
+) -> EvalResult:
+    """:func:`~ovdiff_core.evaluation.run.evaluate` split over the processes of a launch.
+
+    Each rank segments its images (strided: image i on rank i % world) with the categories
+    ``names`` (default ``ds.names``; built already), then the confusion matrices and image
+    counts are summed over the ranks (exact int64 sums, so the metrics equal a
+    one-process run's). ``seconds`` is the slowest rank's. Progress bar on rank 0 only.
+
+    Returns:
+        The dataset-level result, the same on every rank.
+    """
+    from ovdiff_core.evaluation.metrics import ConfusionMatrix
+    from ovdiff_core.evaluation.run import EvalResult, evaluate
+
+    ctx = current()
+    indices = ctx.shard(range(len(ds)))
+    samples = ds if ctx.world_size == 1 else (ds[i] for i in indices)
+    with _bar(quiet or not ctx.is_main, total=len(indices), desc="images", unit="img") as bar:
+        local = evaluate(
+            model,
+            samples,
+            ds.names if names is None else names,
+            ds.class_names,
+            background,
+            on_image=lambda *_: bar.update(1),
+            refine=refine,
+        )
+    if ctx.world_size == 1:
+        return local
+    total = ConfusionMatrix(ds.class_names)
+    total.matrix = ctx.all_reduce(local.metrics.matrix)
+    total.n_images = int(ctx.all_reduce(np.array([local.metrics.n_images]))[0])
+    seconds = float(ctx.all_reduce(np.array([local.seconds]), op="max")[0])
+    return EvalResult(total.compute(), seconds)
+
+
+def _segment_sharded(
+    model: OVDiff, files: Sequence[Path], names: Sequence[str], out: Path, quiet: bool,
+    stdout: TextIO, refine: PamrConfig | None = None,
+) -> int:  # fmt: skip
+    """Segment ``files`` (this rank's strided share) into ``out``; returns how many failed
+    over all ranks. Output names are decided over the whole list first (``a.png`` twice
+    gives ``a`` and ``a-2``), so they do not depend on the number of processes."""
+    ctx = current()
+    jobs: list[tuple[int, Path, str]] = []
+    seen: dict[str, int] = {}
+    for i, path in enumerate(files):
+        stem = path.stem
+        seen[stem] = seen.get(stem, 0) + 1
+        if seen[stem] > 1:
+            stem = f"{stem}-{seen[stem]}"
+        jobs.append((i, path, stem))
+    lines: list[tuple[int, str]] = []
+    failed = 0
+    for i, path, stem in _bar(
+        quiet or not ctx.is_main, iterable=ctx.shard(jobs), desc="images", unit="img"
+    ):
+        try:
+            record = _segment_one(model, path, names, out, stem, refine)
+        except (CLIError, ValueError) as err:
+            print(f"ovdiff segment: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        kept = ", ".join(record["kept"]) or "(none)"
+        line = f"{path} -> {out / record['label_png']}  kept: {kept}"
+        if ctx.world_size == 1:
+            print(line, file=stdout)
+        else:
+            lines.append((i, line))
+    if ctx.world_size == 1:
+        return failed
+    parts = ctx.all_gather_json({"lines": lines, "failed": failed})
+    for _, line in sorted(tuple(x) for part in parts for x in part["lines"]):
+        _print_main(str(line), stdout)
+    return sum(int(part["failed"]) for part in parts)
+
+
+def _print_main(text: str, stdout: TextIO) -> None:
+    """Print on rank 0 only (every line once per launch)."""
+    if current().is_main:
+        print(text, file=stdout)
+
+
+def _processes_line() -> str:
+    ctx = current()
+    if ctx.world_size == 1:
+        return ""
+    return f"\nsplit over {ctx.world_size} processes ({ctx.env.launcher}, {ctx.backend})"
+
+
+def _rank_device(device: str | None) -> str | None:
+    """``--device``, or this rank's GPU when several processes run on CUDA and the flag is
+    unset or plain ``cuda``."""
+    ctx = current()
+    if ctx.world_size > 1 and ctx.device.type == "cuda" and device in (None, "cuda"):
+        return str(ctx.device)
+    return device
+
+
 # --------------------------------------------------------------------------- commands
 
 
 def _cmd_build(args: argparse.Namespace, stdout: TextIO) -> int:
     names = resolve_vocabulary(args.vocab)
     model = _model(args, names)
-    rows = build_vocabulary(model, names, args.quiet)
-    print(summary_table(rows), file=stdout)
+    rows = build_sharded(model, names, args.quiet)
+    _print_main(summary_table(rows) + _processes_line(), stdout)
     return 0
 
 
@@ -322,29 +473,14 @@ def _cmd_segment(args: argparse.Namespace, stdout: TextIO) -> int:
     out = Path(args.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     model = _model(args, names)
-    build_vocabulary(model, names, args.quiet)
-    failed = 0
-    seen: dict[str, int] = {}
-    for path in _bar(args.quiet, iterable=files, desc="images", unit="img"):
-        stem = path.stem
-        seen[stem] = seen.get(stem, 0) + 1
-        if seen[stem] > 1:
-            stem = f"{stem}-{seen[stem]}"
-        try:
-            record = _segment_one(model, path, names, out, stem, _refine(args))
-        except (CLIError, ValueError) as err:
-            print(f"ovdiff segment: {err}", file=sys.stderr)
-            failed += 1
-            continue
-        kept = ", ".join(record["kept"]) or "(none)"
-        print(f"{path} -> {out / record['label_png']}  kept: {kept}", file=stdout)
-    print(f"{len(files) - failed} of {len(files)} images segmented into {out}", file=stdout)
+    _build_all(model, names, args.quiet)
+    failed = _segment_sharded(model, files, names, out, args.quiet, stdout, _refine(args))
+    _print_main(f"{len(files) - failed} of {len(files)} images segmented into {out}", stdout)
     return 1 if failed else 0
 
 
 def _cmd_eval(args: argparse.Namespace, stdout: TextIO) -> int:
     from ovdiff_core.evaluation.datasets import names_version
-    from ovdiff_core.evaluation.run import evaluate
 
     if args.dataset not in DATASETS:
         raise CLIError(f"unknown dataset {args.dataset!r}; use one of {sorted(DATASETS)}")
@@ -356,17 +492,10 @@ def _cmd_eval(args: argparse.Namespace, stdout: TextIO) -> int:
     except ValueError as err:
         raise CLIError(str(err)) from None
     model = _model(args, ds.names)
-    build_vocabulary(model, ds.names, args.quiet)
-    with _bar(args.quiet, total=len(ds), desc="images", unit="img") as bar:
-        result = evaluate(
-            model,
-            ds,
-            ds.names,
-            ds.class_names,
-            background,
-            on_image=lambda *_: bar.update(1),
-            refine=_refine(args),
-        )
+    _build_all(model, ds.names, args.quiet)
+    result = evaluate_sharded(model, ds, background, args.quiet, refine=_refine(args))
+    if not current().is_main:
+        return 0
     m = result.metrics
     print(f"## {ds.name} ({args.split}, {m.n_images} images)\n", file=stdout)
     print(m.to_markdown(), file=stdout)
@@ -386,6 +515,7 @@ def _cmd_eval(args: argparse.Namespace, stdout: TextIO) -> int:
             "settings": {**_settings(args), "mask_rule": model.prototypes.mask_rule},
             "images_per_s": result.images_per_s,
             "seconds": result.seconds,
+            "processes": current().world_size,
         }
         (out / f"{ds.name}.json").write_text(m.to_json(**extra))
         (out / f"{ds.name}.md").write_text(m.to_markdown() + "\n")
@@ -426,7 +556,8 @@ def _refine(args: argparse.Namespace) -> PamrConfig | None:
 
 
 def _model(args: argparse.Namespace, names: Sequence[str]) -> OVDiff:
-    model = make_model(args.backend, args.preset, names, args.cache, args.support_size, args.device)
+    device = _rank_device(args.device)
+    model = make_model(args.backend, args.preset, names, args.cache, args.support_size, device)
     if args.mask_rule is not None:  # banks are built anew under their own cache keys
         model.prototypes = replace(model.prototypes, mask_rule=args.mask_rule)
     return apply_ablations(
@@ -569,7 +700,8 @@ def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None) -> int
         "convert": _cmd_convert,
     }
     try:
-        return commands[args.command](args, out)
+        with distributed():
+            return commands[args.command](args, out)
     except CLIError as err:
         print(f"ovdiff {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -37,7 +37,13 @@ def coarse_segmentation(image: np.ndarray, shift: int = -5) -> Any:
     cat = (cols < EDGE + shift).astype(np.float32)
     scores = np.stack([np.full(w, 0.1, np.float32), 0.2 + 0.6 * cat, 0.8 - 0.6 * cat])
     scores = np.ascontiguousarray(scores[:, None, :].repeat(h, 1))
-    return SimpleNamespace(image=image, labels=scores.argmax(0), scores=scores, class_names=CLASSES)
+    return SimpleNamespace(
+        image=image,
+        labels=scores.argmax(0),
+        scores=scores,
+        class_names=CLASSES,
+        object_labels=lambda: scores[1:].argmax(0) + 1,
+    )
 
 
 @pytest.mark.parametrize("background", [True, False])

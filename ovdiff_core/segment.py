@@ -31,11 +31,12 @@ labels were taken from.
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -47,7 +48,7 @@ from ovdiff_core.prefilter import PrefilterResult, prefilter
 from ovdiff_core.protocols import FeatureExtractor, ImageTextScorer
 from ovdiff_core.types import Category, PrototypeBank
 
-__all__ = ["ScoringSet", "Segmentation", "SimilarityMaps", "ViewRecord", "segment"]
+__all__ = ["ScoringSet", "Segmentation", "SimilarityMaps", "ViewRecord", "rescore", "segment"]
 
 # Longest accepted side ratio: the short side is resized to 448 px, so a 2x1000 image
 # would otherwise become 448x224,000 px.
@@ -64,6 +65,29 @@ BLOCK_OVERHEAD = 50_000
 # A channel is kept in a tile unless its upper bound is this far below the best lower
 # bound; larger than the float32 rounding of a score (about 1e-6).
 PRUNE_MARGIN = 1e-5
+# Most target features (MB, float32, all passes together) that ``segment(...,
+# keep_features=True)`` keeps for what-if edits; ``OVDIFF_WHATIF_MAX_MB`` overrides it.
+# The cpu preset (320 px, one view, CLIP 768 x 20 x 27 + DINOv2-S 384 x 23 x 30) needs
+# about 3 MB; the paper preset does not fit (SD 7680 x 56 x 75 floats, 129 MB, per view).
+WHATIF_MAX_MB = 64.0
+
+
+def whatif_budget_bytes() -> int:
+    """The feature budget of ``keep_features`` in bytes (``OVDIFF_WHATIF_MAX_MB`` or
+    :data:`WHATIF_MAX_MB` megabytes)."""
+    raw = os.environ.get("OVDIFF_WHATIF_MAX_MB", "").strip()
+    if not raw:
+        return int(WHATIF_MAX_MB * 2**20)
+    try:
+        mb = float(raw)
+    except ValueError:
+        mb = -1.0
+    if not mb >= 0:  # also rejects nan
+        raise ValueError(
+            f"OVDIFF_WHATIF_MAX_MB must be a number of megabytes >= 0, got {raw!r}; "
+            "unset it to use the default of 64"
+        )
+    return int(mb * 2**20)
 
 
 @dataclass
@@ -160,6 +184,12 @@ class Segmentation:
             (h, w) float16 cosine of prototype ``q`` over the whole-image view's grid, for
             every prototype a trace can name.
         config: the settings used.
+        features: with ``segment(..., keep_features=True)``, the target's features of
+            every pass, ``features[i]`` the (D, h, w) float32 CPU tensor that
+            ``views[i]`` was scored from (D the extractor's dimension, (h, w) its grid);
+            what :func:`rescore` and :func:`ovdiff_core.explain.what_if` re-score with
+            edited banks. None when not asked for or over the budget
+            (:data:`WHATIF_MAX_MB`); about 3 MB for the cpu preset.
 
     Scores are not stored: :meth:`score_map`, :meth:`scores_at` and :attr:`scores` compute
     them from ``views`` (exactly the numbers ``labels`` is the argmax of).
@@ -176,6 +206,7 @@ class Segmentation:
     scoring: dict[str, ScoringSet]
     whole_view_sims: dict[str, SimilarityMaps]
     config: SegmentConfig = field(default_factory=SegmentConfig)
+    features: list[torch.Tensor] | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -246,6 +277,8 @@ class Segmentation:
         for s in self.scoring.values():
             total += sum(t.numel() * t.element_size() for t in (s.channel, s.source, s.bank_index))
         total += sum(m.nbytes for m in self.whole_view_sims.values())
+        for f in self.features or ():
+            total += f.numel() * f.element_size()
         cached = self.__dict__.get("_scores")
         return total + (cached.nbytes if cached is not None else 0)
 
@@ -675,6 +708,8 @@ def _pack(extractor: str, kept: Sequence[Category], config: SegmentConfig) -> _P
     ]
     stuff_fg = [c.banks[extractor].vectors[c.banks[extractor].foreground] for c in kept if c.stuff]
     stuff_mat = torch.cat(stuff_fg) if stuff_fg else None
+    if stuff_mat is not None and len(stuff_mat) == 0:  # stuff banks without fg prototypes
+        stuff_mat = None
     dropped = 0
     for ci, cat in enumerate(kept, start=1):
         bank = cat.banks[extractor]
@@ -889,6 +924,7 @@ def segment(
     extractors: Sequence[FeatureExtractor],
     config: SegmentConfig | None = None,
     scorer: ImageTextScorer | None = None,
+    keep_features: bool = False,
 ) -> Segmentation:
     """Segment ``image`` into the given categories and background.
 
@@ -903,6 +939,9 @@ def segment(
         config: stage-3 settings (defaults to the paper's).
         scorer: image-text scorer for the CLIP pre-filter; without one (or with
             ``config.prefilter`` off) every category is kept.
+        keep_features: keep every pass's target features (float32, on the CPU) in
+            :attr:`Segmentation.features` for what-if edits, unless together they exceed
+            :func:`whatif_budget_bytes` (then ``features`` is None).
 
     Returns:
         :class:`Segmentation` at the input's resolution (H, W).
@@ -940,6 +979,9 @@ def segment(
     grids: list[torch.Tensor] = []  # each pass's values on the device they were made on
     packs: dict[str, _Packed] = {}
     whole_feats: dict[str, torch.Tensor] = {}
+    kept_feats: list[torch.Tensor] | None = [] if keep_features else None
+    budget = whatif_budget_bytes() if keep_features else 0
+    kept_bytes = 0
     with torch.inference_mode():
         for ex in extractors:
             packed = packs[ex.name] = _pack_cached(ex.name, kept, config)
@@ -961,13 +1003,15 @@ def segment(
                 views.append(ViewRecord(ex.name, (top, left, vh, vw), values.cpu(), winners.cpu()))
                 if vi == 0:
                     whole_feats[ex.name] = feats[0]
-        scores = _ScoreField(views, (h, w), (hp, wp), grids)
-        labels = scores.argmax(list(range(len(kept) + 1)))
-        explained = _explaining_prototypes(scores, views, labels)
-        whole = {
-            name: _whole_view_maps(whole_feats[name], packs[name], explained[name])
-            for name in packs
-        }
+                if kept_feats is not None:
+                    kept_bytes += feats[0].numel() * 4
+                    if kept_bytes > budget:
+                        kept_feats = None  # over budget: keep none
+                    else:
+                        kept_feats.append(feats[0].to("cpu", torch.float32, copy=True))
+        labels, whole = _label_and_explain(
+            views, grids, whole_feats, packs, (h, w), (hp, wp), len(kept) + 1
+        )
     return Segmentation(
         image=image,
         labels=labels,
@@ -980,6 +1024,156 @@ def segment(
         scoring={name: p.scoring for name, p in packs.items()},
         whole_view_sims=whole,
         config=config,
+        features=kept_feats,
+    )
+
+
+def _label_and_explain(
+    views: Sequence[ViewRecord],
+    grids: Sequence[torch.Tensor] | None,
+    whole_feats: dict[str, torch.Tensor],
+    packs: dict[str, _Packed],
+    size: tuple[int, int],
+    processed: tuple[int, int],
+    n_channels: int,
+) -> tuple[np.ndarray, dict[str, SimilarityMaps]]:
+    """The end of stage 3, shared by :func:`segment` and :func:`rescore`: the (H, W)
+    labels of the passes' records and the whole-view similarity maps of the prototypes
+    that explain them (``grids``: the records' values on the scoring device, or None)."""
+    scores = _ScoreField(views, size, processed, grids)
+    labels = scores.argmax(list(range(n_channels)))
+    explained = _explaining_prototypes(scores, views, labels)
+    whole = {
+        name: _whole_view_maps(whole_feats[name], packs[name], explained[name]) for name in packs
+    }
+    return labels, whole
+
+
+def features_bytes(seg: Segmentation) -> int:
+    """Bytes the target features of ``seg``'s passes take (or would take) as float32."""
+    total = 0
+    for v in seg.views:
+        bank_dims = {c.banks[v.extractor].dim for c in seg.categories if v.extractor in c.banks}
+        h, w = v.grid_size
+        total += (max(bank_dims) if bank_dims else 0) * h * w * 4
+    return total
+
+
+def _pack_without(
+    packed: _Packed, removed: Mapping[tuple[int, str], Sequence[int]], extractor: str
+) -> _Packed:
+    """``packed`` with bank rows removed, as :func:`_pack` gives for the edited banks
+    when no stuff bank changed (so the stuff filter keeps the same rows): one row mask
+    instead of a gather per bank (many small calls, slow on a busy CPU).
+
+    ``removed``: ``{(source, extractor): sorted bank rows}``, source indexing class names.
+    """
+    sc = packed.scoring
+    source, bank_index = sc.source.numpy(), sc.bank_index.numpy()
+    keep = np.ones(len(source), dtype=bool)
+    new_index = bank_index.copy()
+    for (src, ex), rows in removed.items():
+        if ex != extractor or not len(rows):
+            continue
+        r = np.asarray(rows, dtype=np.int64)
+        mine = source == src
+        keep &= ~(mine & np.isin(bank_index, r))
+        new_index[mine] -= np.searchsorted(r, bank_index[mine])
+    mask = torch.from_numpy(keep)
+    channel = sc.channel[mask]
+    counts = np.bincount(channel.numpy(), minlength=len(packed.offsets) - 1)
+    offsets = [0, *np.cumsum(counts).tolist()]
+    scoring = ScoringSet(
+        extractor=sc.extractor,
+        channel=channel,
+        source=sc.source[mask],
+        bank_index=torch.from_numpy(new_index[keep]),
+        dropped_by_stuff=sc.dropped_by_stuff,
+    )
+    return _Packed(packed.vectors[mask].contiguous(), offsets, scoring)
+
+
+def rescore(
+    seg: Segmentation,
+    categories: Sequence[Category],
+    removed: Mapping[tuple[str, str], Sequence[int]] | None = None,
+) -> Segmentation:
+    """Stage 3 again on ``seg``'s kept target features, with other banks; no model runs.
+
+    The result is what :func:`segment` gives for the same image, extractors and config
+    with ``categories`` as the kept categories (same scoring, same float32 operations),
+    sharing ``seg``'s image and features. ``seg`` itself is not changed.
+
+    Args:
+        seg: a segmentation made with ``keep_features=True``.
+        categories: one per kept class, ``seg.class_names[1:]`` in that order, each with
+            a bank for every extractor of ``seg`` (e.g. edited copies of
+            ``seg.categories``).
+        removed: optionally, how ``categories`` were made: ``{(category name,
+            extractor): bank rows}`` removed from ``seg.categories``' banks, nothing else
+            changed. Then the scoring sets are cut from ``seg``'s (faster) unless a stuff
+            category's bank changed.
+
+    Raises:
+        ValueError: ``seg`` kept no features, or the categories do not match.
+    """
+    if seg.features is None:
+        mb = features_bytes(seg) / 2**20
+        raise ValueError(
+            f"this segmentation kept no target features (they take {mb:.1f} MB; the limit "
+            f"is {whatif_budget_bytes() / 2**20:.0f} MB): segment it again with "
+            "keep_features=True, raising OVDIFF_WHATIF_MAX_MB if they are over the limit"
+        )
+    names = [c.name for c in categories]
+    if names != seg.class_names[1:]:
+        raise ValueError(
+            f"rescore: categories {names} must be the segmentation's classes "
+            f"{seg.class_names[1:]}, in that order"
+        )
+    dims = {v.extractor: int(f.shape[0]) for v, f in zip(seg.views, seg.features, strict=True)}
+    for ex, dim in dims.items():
+        for c in categories:
+            bank = c.banks.get(ex)
+            if bank is None or bank.dim != dim:
+                raise ValueError(
+                    f"rescore: category {c.name!r} needs a {dim}-d bank for extractor {ex!r}"
+                )
+    if not categories:
+        return replace(seg)
+    packs: dict[str, _Packed] = {}
+    pos = {c.name: i for i, c in enumerate(categories, start=1)}
+    stuff = {c.name for c in categories if c.stuff}
+    for ex in seg.extractors:
+        cut = {(pos[n], e): sorted(r) for (n, e), r in (removed or {}).items() if e == ex}
+        if removed is None or any(n in stuff for (n, e) in (removed or {}) if e == ex):
+            packs[ex] = _pack(ex, categories, seg.config)
+            continue
+        packs[ex] = _pack_without(_pack_cached(ex, seg.categories, seg.config), cut, ex)
+        dropped = 0
+        for (src, _), rows in cut.items():
+            bank = seg.categories[src - 1].banks[ex]
+            if seg.config.background and not categories[src - 1].stuff:
+                old_sc = seg.scoring[ex]
+                in_pack = set(old_sc.bank_index[old_sc.source == src].tolist())
+                dropped += sum(1 for r in rows if not bool(bank.foreground[r]) and r not in in_pack)
+        packs[ex].scoring.dropped_by_stuff -= dropped
+    views: list[ViewRecord] = []
+    whole_feats: dict[str, torch.Tensor] = {}
+    with torch.inference_mode():
+        for v, f in zip(seg.views, seg.features, strict=True):
+            values, winners = score_cells(f, packs[v.extractor], seg.config.score_floor)
+            views.append(ViewRecord(v.extractor, v.box, values, winners))
+            whole_feats.setdefault(v.extractor, f)
+        labels, whole = _label_and_explain(
+            views, None, whole_feats, packs, seg.size, seg.processed_size, len(categories) + 1
+        )
+    return replace(
+        seg,
+        labels=labels,
+        categories=list(categories),
+        views=views,
+        scoring={name: p.scoring for name, p in packs.items()},
+        whole_view_sims=whole,
     )
 
 

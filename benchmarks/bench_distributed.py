@@ -71,9 +71,9 @@ def _random_cpu_model(cache_dir: str, n_images: int):  # -> OVDiff
     return OVDiff(
         generator=generator,
         extractors=list(extractors.values()),
-        scorer=scorer if preset.segmentation.prefilter else None,
-        prototypes=preset.prototypes,
-        segmentation=preset.segmentation,
+        scorer=scorer if preset.segment_config.prefilter else None,
+        prototype_config=preset.prototype_config,
+        segment_config=preset.segment_config,
         cache=Cache(cache_dir),
     )
 

@@ -177,7 +177,7 @@ def run_cpu(quick: bool) -> dict:
         feats, dt = _timed(lambda ex=ex: extract_features(ex, support.images))
         rows.append((f"features: {name} ({tuple(feats.shape[1:])} per image)", dt, "measured"))
         bank, dt = _timed(
-            lambda f=feats, name=name: build_bank(support, f, name, preset.prototypes)
+            lambda f=feats, name=name: build_bank(support, f, name, preset.prototype_config)
         )
         banks[name] = bank
         rows.append((f"prototypes: {name} ({len(bank)} prototypes)", dt, "measured"))
@@ -189,7 +189,7 @@ def run_cpu(quick: bool) -> dict:
     other = Category("cat", banks, support)  # a second class so the pre-filter has work
     _, seg_s = _timed(
         lambda: segment(
-            image, [category, other], list(extractors.values()), preset.segmentation, scorer
+            image, [category, other], list(extractors.values()), preset.segment_config, scorer
         )
     )
     return {
@@ -201,7 +201,7 @@ def run_cpu(quick: bool) -> dict:
         "extras": [
             (
                 f"segment one {image.shape[1]}x{image.shape[0]} photo "
-                f"(short side {preset.segmentation.short_side}, one view, pre-filter)",
+                f"(short side {preset.segment_config.short_side}, one view, pre-filter)",
                 seg_s,
             ),
             ("model construction (random init; not in total)", build_s),
@@ -322,7 +322,7 @@ def run_paper(quick: bool) -> dict:
         synthetic = torch.randn(n_proto, *feats.shape[1:])
         del feats
         bank, dt = _timed(
-            lambda f=synthetic, name=name: build_bank(support, f, name, preset.prototypes)
+            lambda f=synthetic, name=name: build_bank(support, f, name, preset.prototype_config)
         )
         rows.append(
             (

@@ -504,7 +504,7 @@ class DemoApp:
             width = height = MAX_SIDE
         scale = min(1.0, MAX_SIDE / max(width, height, 1))
         size = (max(1, round(height * scale)), max(1, round(width * scale)))
-        cfg = model.segmentation
+        cfg = model.segment_config
         views = len(view_boxes(processed_size(size, cfg.short_side), cfg))
         seconds = segment_seconds(views, len(model.extractors))
         return min(seconds, self.hosting.gpu_max_seconds)
@@ -826,7 +826,7 @@ class DemoApp:
         model = self.model(session.preset, session.support_size)
         cats = list(session.categories.values())
         try:
-            seg = segment(loaded.image, cats, model.extractors, model.segmentation, model.scorer)
+            seg = segment(loaded.image, cats, model.extractors, model.segment_config, model.scorer)
         except ValueError as err:
             raise gr.Error(render.esc(f"Segmentation failed: {err}")) from None
         overlay = render.overlay_labels(seg.image, seg.labels)

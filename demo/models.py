@@ -147,7 +147,7 @@ def color_model(preset: str, support_size: int | None, cache_dir: str | None) ->
         generator,
         extractors,
         ColorScorer(world),
-        segmentation=seg,
+        segment_config=seg,
         cache=Cache(cache_dir) if cache_dir else Cache(),
     )
 

@@ -160,7 +160,7 @@ def make_model(
         else:
             seg = SegmentConfig(short_side=224, window_sizes=(160, 112), window_stride=80)
         cache = Cache(cache_dir) if cache_dir else Cache()
-        return OVDiff(generator, extractors, ColorScorer(world), segmentation=seg, cache=cache)
+        return OVDiff(generator, extractors, ColorScorer(world), segment_config=seg, cache=cache)
     from ovdiff_core.backends import build_ovdiff
 
     model = build_ovdiff(preset, backend=backend, cache_dir=cache_dir, device=device)
@@ -512,7 +512,7 @@ def _cmd_eval(args: argparse.Namespace, stdout: TextIO) -> int:
             "split": args.split,
             "names": ds.names_set,
             "names_version": names_version(ds.names_set),
-            "settings": {**_settings(args), "mask_rule": model.prototypes.mask_rule},
+            "settings": {**_settings(args), "mask_rule": model.prototype_config.mask_rule},
             "images_per_s": result.images_per_s,
             "seconds": result.seconds,
             "processes": current().world_size,
@@ -559,7 +559,7 @@ def _model(args: argparse.Namespace, names: Sequence[str]) -> OVDiff:
     device = _rank_device(args.device)
     model = make_model(args.backend, args.preset, names, args.cache, args.support_size, device)
     if args.mask_rule is not None:  # banks are built anew under their own cache keys
-        model.prototypes = replace(model.prototypes, mask_rule=args.mask_rule)
+        model.prototype_config = replace(model.prototype_config, mask_rule=args.mask_rule)
     return apply_ablations(
         model,
         background=not args.no_background,
@@ -602,9 +602,11 @@ def apply_ablations(
     if not stuff_filter:
         changes["stuff_threshold"] = 2.0  # cosines are <= 1: nothing is dropped
     if changes:
-        model.segmentation = model.segmentation.replace(**changes)
+        model.segment_config = model.segment_config.replace(**changes)
     if class_mean_only:
-        model.prototypes = replace(model.prototypes, instance_level=False, part_level=False)
+        model.prototype_config = replace(
+            model.prototype_config, instance_level=False, part_level=False
+        )
     if extractors is not None:
         wanted = [e.strip() for e in extractors.split(",") if e.strip()]
         have = [e.name for e in model.extractors]

@@ -136,8 +136,8 @@ class OVDiff:
             images with :meth:`add_support`.
         extractors: feature extractors (their scores are averaged).
         scorer: image-text scorer for the CLIP pre-filter (optional).
-        prototypes: stage-2 settings.
-        segmentation: stage-3 settings.
+        prototype_config: stage-2 settings.
+        segment_config: stage-3 settings.
         cache: on-disk cache; None keeps everything in memory only.
         stuff_overrides: ``{name: is_stuff}`` overriding the built-in thing/stuff table.
         max_categories: how many built categories :attr:`categories` keeps (default 64);
@@ -154,8 +154,8 @@ class OVDiff:
         generator: SupportGenerator | None,
         extractors: Sequence[FeatureExtractor],
         scorer: ImageTextScorer | None = None,
-        prototypes: PrototypeConfig | None = None,
-        segmentation: SegmentConfig | None = None,
+        prototype_config: PrototypeConfig | None = None,
+        segment_config: SegmentConfig | None = None,
         cache: Cache | None = None,
         stuff_overrides: Mapping[str, bool] | None = None,
         max_categories: int | None = DEFAULT_MAX_CATEGORIES,
@@ -167,8 +167,8 @@ class OVDiff:
         self.generator = generator
         self.extractors = list(extractors)
         self.scorer = scorer
-        self.prototypes = prototypes or PrototypeConfig()
-        self.segmentation = segmentation or SegmentConfig()
+        self.prototype_config = prototype_config or PrototypeConfig()
+        self.segment_config = segment_config or SegmentConfig()
         self.cache = cache
         self.stuff_overrides = dict(stuff_overrides or {})
         self.max_categories = max_categories
@@ -193,7 +193,7 @@ class OVDiff:
             {
                 "support": support_key,
                 "extractor": extractor.spec(),
-                "prototypes": self.prototypes.to_dict(),
+                "prototypes": self.prototype_config.to_dict(),
                 "algorithm_version": ALGORITHM_VERSION,
             },
         )
@@ -286,7 +286,10 @@ class OVDiff:
         built = current.banks if current is not None and current.support is support else {}
         for ex in self.extractors:
             done = built.get(ex.name)
-            if done is not None and done.settings.get("prototypes") == self.prototypes.to_dict():
+            if (
+                done is not None
+                and done.settings.get("prototypes") == self.prototype_config.to_dict()
+            ):
                 yield ex, done, True, None
                 continue
             bkey = self.bank_key(skey, ex)
@@ -295,7 +298,7 @@ class OVDiff:
                 yield ex, bank, True, None
                 continue
             bank = build_bank(
-                support, extract_features(ex, support.images), ex.name, self.prototypes
+                support, extract_features(ex, support.images), ex.name, self.prototype_config
             )
             warning = None
             if self.cache is not None:
@@ -467,7 +470,7 @@ class OVDiff:
             cats = [c for c in found.values() if c is not None]
         if not cats:
             raise ValueError("segment: no categories are built yet; call build([...]) first")
-        return segment(image, cats, self.extractors, config or self.segmentation, self.scorer)
+        return segment(image, cats, self.extractors, config or self.segment_config, self.scorer)
 
 
 def _final(events: Iterable[BuildProgress]) -> Category:

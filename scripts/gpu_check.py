@@ -97,8 +97,8 @@ def real_size_paper(dev: torch.device, dt: torch.dtype, n_images: int) -> Any:
         generator=generator,
         extractors=extractors,
         scorer=scorer,
-        prototypes=p.prototypes,
-        segmentation=p.segmentation,
+        prototype_config=p.prototype_config,
+        segment_config=p.segment_config,
         cache=None,
     )
 

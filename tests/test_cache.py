@@ -332,7 +332,7 @@ def test_second_build_is_a_cache_hit(tmp_path: Path) -> None:
     OVDiff(
         ColorGenerator(WORLD, n_images=4),
         [ex5],
-        prototypes=PrototypeConfig(n_parts=3),
+        prototype_config=PrototypeConfig(n_parts=3),
         cache=Cache(tmp_path),
     ).build(["cat"])
     assert ex5.calls > 0

@@ -43,7 +43,7 @@ def temp_files(root: Path) -> list[Path]:
 
 def make_model(root: Path, **kw: Any) -> tuple[OVDiff, ColorGenerator, ColorExtractor]:
     gen, ex = ColorGenerator(WORLD, n_images=4, batch_size=2), ColorExtractor()
-    return OVDiff(gen, [ex], cache=Cache(root), segmentation=CFG, **kw), gen, ex
+    return OVDiff(gen, [ex], cache=Cache(root), segment_config=CFG, **kw), gen, ex
 
 
 def scene() -> np.ndarray:

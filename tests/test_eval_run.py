@@ -24,7 +24,7 @@ def model():
         gen,
         extractors,
         ColorScorer(world),
-        segmentation=SegmentConfig(short_side=160, windows=False),
+        segment_config=SegmentConfig(short_side=160, windows=False),
     )
     m.build(NAMES)
     return m

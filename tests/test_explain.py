@@ -31,7 +31,9 @@ WORLD = ColorWorld.default()
 def model() -> OVDiff:
     """Two extractors (strides 8 and 4); grass is a stuff class (stuff filter active)."""
     extractors = [ColorExtractor("c8", stride=8), ColorExtractor("c4", stride=4, dim=32, seed=1)]
-    m = OVDiff(ColorGenerator(WORLD, n_images=4), extractors, prototypes=PrototypeConfig(n_parts=6))
+    m = OVDiff(
+        ColorGenerator(WORLD, n_images=4), extractors, prototype_config=PrototypeConfig(n_parts=6)
+    )
     m.build(["cat", "sofa", "lamp", "grass"])
     return m
 
@@ -437,7 +439,7 @@ def test_what_if_redoes_the_stuff_filter() -> None:
     m = OVDiff(
         ColorGenerator(world, n_images=4),
         [ColorExtractor("c8", stride=8)],
-        prototypes=PrototypeConfig(n_parts=4),
+        prototype_config=PrototypeConfig(n_parts=4),
     )
     m.build(["cat", "grass"])
     assert m.categories["grass"].stuff and not m.categories["cat"].stuff

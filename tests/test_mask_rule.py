@@ -84,8 +84,8 @@ def test_default_and_cache_key() -> None:
     assert set(MASK_RULES) == {"any", "majority", "eroded"}
     keys = set()
     for rule in MASK_RULES:
-        model = OVDiff(None, [ColorExtractor()], prototypes=PrototypeConfig(mask_rule=rule))
-        assert model.prototypes.to_dict()["mask_rule"] == rule
+        model = OVDiff(None, [ColorExtractor()], prototype_config=PrototypeConfig(mask_rule=rule))
+        assert model.prototype_config.to_dict()["mask_rule"] == rule
         keys.add(model.bank_key("support-key", model.extractors[0]))
     assert len(keys) == 3, "each rule has its own banks in the cache"
 
@@ -154,8 +154,8 @@ def ground_fractions(rule: str, sky_is_stuff: bool) -> tuple[dict[str, float], f
     model = OVDiff(
         None,
         [ex],
-        prototypes=PrototypeConfig(n_parts=4, mask_rule=rule),
-        segmentation=SegmentConfig(short_side=48, windows=False, prefilter=False),
+        prototype_config=PrototypeConfig(n_parts=4, mask_rule=rule),
+        segment_config=SegmentConfig(short_side=48, windows=False, prefilter=False),
     )
     model.add_support(kite_support(), stuff=False)
     sky = model.add_support(sky_support(), stuff=sky_is_stuff)

@@ -19,8 +19,8 @@ def model() -> OVDiff:
     m = OVDiff(
         ColorGenerator(WORLD, n_images=3),
         [ColorExtractor()],
-        prototypes=PrototypeConfig(n_parts=8),
-        segmentation=CFG,
+        prototype_config=PrototypeConfig(n_parts=8),
+        segment_config=CFG,
     )
     m.build(["cat", "sofa", "lamp"])
     return m
@@ -126,7 +126,7 @@ def widget_support(name: str = "widget"):  # type: ignore[no-untyped-def]
 
 def test_add_support_with_a_user_support_set() -> None:
     ex = PaletteExtractor({WIDGET: unit(1, 0), BG: unit(0, 1)}, stride=8)
-    m = OVDiff(None, [ex], prototypes=PrototypeConfig(n_parts=4), segmentation=CFG)
+    m = OVDiff(None, [ex], prototype_config=PrototypeConfig(n_parts=4), segment_config=CFG)
     with pytest.raises(ValueError, match="no generator"):
         m.build(["cat"])
     cat = m.add_support(widget_support("  my   widget "))
@@ -172,6 +172,6 @@ def test_rebuilding_a_category_in_memory_runs_no_generator_or_extractor_again() 
     assert events[-1].category_result is not None
     assert events[-1].category_result.banks["color"] is first.banks["color"]
     # A different prototype setting must rebuild the banks (from the same support set).
-    model.prototypes = PrototypeConfig(n_parts=2)
+    model.prototype_config = PrototypeConfig(n_parts=2)
     model.build(["cat"])
     assert gen.generated == generated and ex.calls > calls

@@ -26,7 +26,9 @@ segment_module = importlib.import_module("ovdiff_core.segment")
 def model() -> OVDiff:
     """Two extractors with different strides (8 and 4) and dimensions."""
     extractors = [ColorExtractor("c8", stride=8), ColorExtractor("c4", stride=4, dim=32, seed=1)]
-    m = OVDiff(ColorGenerator(WORLD, n_images=4), extractors, prototypes=PrototypeConfig(n_parts=6))
+    m = OVDiff(
+        ColorGenerator(WORLD, n_images=4), extractors, prototype_config=PrototypeConfig(n_parts=6)
+    )
     m.build(["cat", "sofa", "lamp"])
     return m
 

@@ -97,8 +97,8 @@ class Preset:
     scorer: ExtractorConfig | None = field(  # CLIP for the category pre-filter; None = off
         default_factory=lambda: ExtractorConfig("clip")
     )
-    prototypes: PrototypeConfig = field(default_factory=PrototypeConfig)  # stage 2
-    segmentation: SegmentConfig = field(default_factory=SegmentConfig)  # stage 3
+    prototype_config: PrototypeConfig = field(default_factory=PrototypeConfig)  # stage 2
+    segment_config: SegmentConfig = field(default_factory=SegmentConfig)  # stage 3
 
     def __post_init__(self) -> None:
         if not self.extractors:
@@ -127,8 +127,8 @@ PRESETS: dict[str, Preset] = {
         generation=GENERATION_PAPER,
         extractors=(ExtractorConfig("sd"), ExtractorConfig("dino"), ExtractorConfig("clip")),
         proposer="dino",
-        prototypes=PrototypeConfig(),
-        segmentation=PAPER_SEGMENT,
+        prototype_config=PrototypeConfig(),
+        segment_config=PAPER_SEGMENT,
     ),
     "cpu": Preset(
         name="cpu",
@@ -136,8 +136,8 @@ PRESETS: dict[str, Preset] = {
         generation=GENERATION_CPU,
         extractors=(ExtractorConfig("clip"), ExtractorConfig("dinov2")),
         proposer="dinov2",
-        prototypes=PrototypeConfig(),
-        segmentation=FAST_SEGMENT,
+        prototype_config=PrototypeConfig(),
+        segment_config=FAST_SEGMENT,
     ),
 }
 
@@ -222,9 +222,9 @@ def build_ovdiff(
     return OVDiff(
         generator=generator,
         extractors=extractors,
-        scorer=scorer if p.segmentation.prefilter else None,
-        prototypes=p.prototypes,
-        segmentation=p.segmentation,
+        scorer=scorer if p.segment_config.prefilter else None,
+        prototype_config=p.prototype_config,
+        segment_config=p.segment_config,
         cache=Cache(cache_dir) if use_cache else None,
     )
 

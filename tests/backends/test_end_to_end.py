@@ -104,7 +104,7 @@ def test_tiny_paper_preset_shares_sd_components(image):
     assert isinstance(sd, SDFeatureExtractor)
     assert sd.unet is model.generator.pipe.unet and sd.vae is model.generator.pipe.vae
     assert model.generator.config.guidance_scale == GENERATION_PAPER.guidance_scale
-    assert model.segmentation == PRESETS["paper"].segmentation
+    assert model.segment_config == PRESETS["paper"].segment_config
     model.build(["cat"])
     seg = model.segment(image, config=FAST_SEGMENT.replace(short_side=128))
     assert seg.labels.shape == image.shape[:2] and seg.extractors == ["sd", "dino", "clip"]
@@ -175,9 +175,9 @@ def test_presets_match_the_spec():
     g = paper.generation
     assert (g.steps, g.guidance_scale, g.resolution, g.n_images, g.seed) == (30, 8.0, 512, 32, 42)
     assert [e.kind for e in paper.extractors] == ["sd", "dino", "clip"]
-    assert paper.prototypes.n_parts == 32
-    assert paper.segmentation.window_sizes == (448, 336)
-    assert paper.segmentation.window_stride == 224 and paper.segmentation.prefilter
+    assert paper.prototype_config.n_parts == 32
+    assert paper.segment_config.window_sizes == (448, 336)
+    assert paper.segment_config.window_stride == 224 and paper.segment_config.prefilter
     cpu = PRESETS["cpu"]
     assert cpu.generation is GENERATION_CPU and cpu.proposer == "dinov2"
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # conftest keeps tests offline

@@ -7,9 +7,9 @@ measures, from the mouse click:
 * *trace panel rendered*: the panel names the clicked pixel and its label, its new
   similarity-map image and all support-region images have loaded;
 * *score chart drawn too*: additionally the plotly bar chart of that pixel is drawn (it
-  comes from a second call made in parallel; see the wiring in ``demo/app.py``).
+  comes from a second call made in parallel; see the wiring in ``demo/tab_segment.py``).
 
-For comparison it also times the same handlers (:meth:`demo.app.DemoApp.trace_at`:
+For comparison it also times the same handlers (:meth:`demo.tab_segment.SegmentTab.trace_at`:
 ``ovdiff_core.trace`` plus rendering) in-process, without browser or network.
 
 Usage::
@@ -32,10 +32,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # tests/harness.py
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from demo.testing import (  # noqa: E402
+from harness import (  # noqa: E402
     CHROMIUM_ARGS,
     chromium_path,
     click_image_pixel,
@@ -133,15 +134,17 @@ def handler_latencies(backend: str, names: str, image: Path, clicks: int) -> lis
     with tempfile.TemporaryDirectory() as cache:
         app = DemoApp(make_model_factory(backend, cache), backend_info(backend))
         session = Session()
-        for _ in app.build(names, [], "cpu", backend_info(backend).default_support, session):
+        for _ in app.tab_build.build(
+            names, [], "cpu", backend_info(backend).default_support, session
+        ):
             pass
-        seg = app.segment(str(image), session)[2]
-        h, w = seg.size
+        seg = app.tab_segment.segment(str(image), session).seg_state
+        h, w = seg.current.size
         pts = _points(w, h, clicks + WARMUP)
         out = []
         for i, (x, y) in enumerate(pts):
             t = time.perf_counter()
-            app.trace_at(seg, [x, y])
+            app.tab_segment.trace_at(seg, [x, y])
             if i >= WARMUP:
                 out.append(time.perf_counter() - t)
     return out

@@ -16,9 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from PIL import Image
-
-from demo.testing import (
+from harness import (
     ROOT,
     RunningApp,
     click_image_pixel,
@@ -27,6 +25,7 @@ from demo.testing import (
     wait_for_chart,
     wait_for_trace_change,
 )
+from PIL import Image
 
 pytestmark = pytest.mark.browser
 

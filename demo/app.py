@@ -276,6 +276,7 @@ def build_demo(
         ui.region_picks = gr.State([], time_to_live=ttl)  # what the gallery tiles point at
         ui.top_picks = gr.State([], time_to_live=ttl)
         ui.atlas_picks = gr.State([], time_to_live=ttl)
+        ui.clicked = gr.State(None, time_to_live=ttl)  # [x, y] of the last traced click
         ui.pick = gr.State(None, time_to_live=ttl)  # the item the what-if buttons act on
 
         gr.Markdown(f"# {TITLE}\n{SUBTITLE}")

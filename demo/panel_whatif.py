@@ -54,15 +54,18 @@ class WhatIfResult:
         overlay: (H, W, 3) uint8 labels of the shown segmentation, changed pixels magenta.
         seg_state: the visitor's :class:`SegState` (``current`` the shown segmentation).
         whatif_status: Markdown: what is excluded, pixels changed, prototypes removed.
-        trace_info, trace_regions, region_picks, top_info, top_regions, top_picks,
-        atlas_gallery, atlas_info, atlas_picks, pick, pick_info: cleared (they explained
-            the segmentation shown before, and prototype references change with the banks).
+        trace_info, trace_plot, trace_sim, trace_regions, region_picks, top_info,
+        top_regions, top_picks, atlas_gallery, atlas_info, atlas_picks, pick, pick_info:
+            cleared (they explained the segmentation shown before, and prototype
+            references change with the banks).
     """
 
     overlay: np.ndarray
     seg_state: SegState
     whatif_status: str
     trace_info: str
+    trace_plot: Any
+    trace_sim: np.ndarray | None
     trace_regions: list[Any]
     region_picks: list[Pick]
     top_info: str
@@ -154,6 +157,8 @@ class WhatIfPanel:
             seg_state=state,
             whatif_status=_status(state),
             trace_info=CLICK_HINT,
+            trace_plot=render.empty_scores_figure(),
+            trace_sim=None,
             trace_regions=[],
             region_picks=[],
             top_info=TOP_HINT,

@@ -96,12 +96,14 @@ class TraceResult:
             side <= ``SIMILARITY_SIDE``).
         trace_regions: (highlighted support region, caption) of the winner.
         region_picks: what each region tile points at (for the what-if buttons).
+        clicked: the pixel [x, y] (the top-prototypes call that follows reads it).
     """
 
     trace_info: str
     trace_sim: np.ndarray
     trace_regions: list[tuple[np.ndarray, str]]
     region_picks: list[Pick]
+    clicked: list[int]
 
 
 @dataclass
@@ -263,7 +265,7 @@ class SegmentTab:
             caption = f"{owner} support #{reg.image_index + 1}"
             regions.append((tile, caption))
             picks.append(Pick(tr.winner, owner, reg.image_index, caption))
-        return TraceResult(_trace_html(tr), sim, regions, picks)
+        return TraceResult(_trace_html(tr), sim, regions, picks, [x, y])
 
     def trace_chart(
         self, state: SegState | Segmentation | None, index: Sequence[Any] | None
@@ -445,19 +447,34 @@ def wire(ui: UI, tab: SegmentTab) -> None:
     def on_chart(state: SegState | None, evt: gr.SelectData) -> Any:
         return ui.values(tab.trace_chart(state, evt.index))
 
-    def on_top(state: SegState | None, evt: gr.SelectData) -> Any:
-        return ui.values(tab.top_panel(state, evt.index))
+    def on_top(state: SegState | None, clicked: list[int] | None) -> Any:
+        return ui.values(tab.top_panel(state, clicked))
 
-    # A click runs no model: plain HTTP calls (no queue round trips), three in parallel:
-    # the text, similarity map and support regions; the plotly chart, which costs the
-    # browser more to draw than all the rest; and the top prototypes. The panel does
-    # not wait for the other two.
-    for handler, result in ((on_trace, TraceResult), (on_chart, ChartResult), (on_top, TopResult)):
-        ui.overlay.select(
-            handler,
-            ui.seg_state,
-            ui.outputs(result),
-            show_progress="hidden",
-            queue=False,
-            trigger_mode="always_last",
-        )
+    # A click runs no model: plain HTTP calls (no queue round trips). Two run in
+    # parallel: the text, similarity map and support regions; and the plotly chart,
+    # which costs the browser more to draw than all the rest, so the panel does not wait
+    # for it. The top prototypes follow the panel (in parallel they slowed it down on a
+    # busy 2-core machine: benchmarks/bench_click.py).
+    trace_event = ui.overlay.select(
+        on_trace,
+        ui.seg_state,
+        ui.outputs(TraceResult),
+        show_progress="hidden",
+        queue=False,
+        trigger_mode="always_last",
+    )
+    trace_event.success(
+        on_top,
+        [ui.seg_state, ui.clicked],
+        ui.outputs(TopResult),
+        show_progress="hidden",
+        queue=False,
+    )
+    ui.overlay.select(
+        on_chart,
+        ui.seg_state,
+        ui.outputs(ChartResult),
+        show_progress="hidden",
+        queue=False,
+        trigger_mode="always_last",
+    )

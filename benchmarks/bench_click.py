@@ -7,9 +7,11 @@ measures, from the mouse click:
 * *trace panel rendered*: the panel names the clicked pixel and its label, its new
   similarity-map image and all support-region images have loaded;
 * *score chart drawn too*: additionally the plotly bar chart of that pixel is drawn (it
-  comes from a second call made in parallel; see the wiring in ``demo/app.py``).
+  comes from a second call made in parallel; see the wiring in ``demo/tab_segment.py``);
+* *top prototypes shown*: the top-prototypes table of that pixel (a third parallel call)
+  and its support-region images have loaded.
 
-For comparison it also times the same handlers (:meth:`demo.app.DemoApp.trace_at`:
+For comparison it also times the same handlers (:meth:`demo.tab_segment.SegmentTab.trace_at`:
 ``ovdiff_core.trace`` plus rendering) in-process, without browser or network.
 
 Usage::
@@ -32,10 +34,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # tests/harness.py
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from demo.testing import (  # noqa: E402
+from harness import (  # noqa: E402
     CHROMIUM_ARGS,
     chromium_path,
     click_image_pixel,
@@ -46,6 +49,11 @@ from demo.testing import (  # noqa: E402
 )
 
 WARMUP = 2  # clicks before the measured ones
+_TOP_DONE_JS = """([x, y]) => {
+  if (!document.querySelector(`#top-info .ovd-top[data-x="${x}"][data-y="${y}"]`)) return false;
+  const imgs = [...document.querySelectorAll('#top-regions img')];
+  return imgs.every(i => i.complete && i.naturalWidth > 0);
+}"""
 DEFAULT_NAMES = {"tiny": "cat, sofa, grass", "color": "cat, sofa, lamp, grass"}
 DEFAULT_IMAGE = {"tiny": "assets/cat.jpg", "color": "assets/colour_scene.png"}
 
@@ -70,9 +78,9 @@ def _points(width: int, height: int, n: int) -> list[tuple[int, int]]:
 
 def browser_latencies(
     backend: str, names: str, image: Path, clicks: int
-) -> tuple[list[float], list[float], float]:
-    """(click -> trace panel rendered, click -> score chart drawn: seconds per click;
-    build seconds)."""
+) -> tuple[list[float], list[float], list[float], float]:
+    """(click -> trace panel rendered, -> score chart drawn, -> top prototypes shown:
+    seconds per click; build seconds)."""
     from playwright.sync_api import sync_playwright
 
     exe = chromium_path()
@@ -80,6 +88,7 @@ def browser_latencies(
         raise SystemExit("Chromium not found: apt-get install chromium")
     out: list[float] = []
     charts: list[float] = []
+    tops: list[float] = []
     warm: list[float] = []
     with run_app(backend) as app, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
@@ -114,34 +123,39 @@ def browser_latencies(
             panel = time.perf_counter() - t
             wait_for_chart(page, gx, gy)
             chart = time.perf_counter() - t
+            page.wait_for_function(_TOP_DONE_JS, arg=[gx, gy], timeout=20000)
+            top = time.perf_counter() - t
             if i >= WARMUP:
                 out.append(panel)
                 charts.append(chart)
+                tops.append(top)
             else:
                 warm.append(chart)
             time.sleep(0.2)  # a person does not click twice within a frame
         browser.close()
     print("warm-up clicks (not counted), ms:", [round(v * 1000) for v in warm])
-    return out, charts, build_s
+    return out, charts, tops, build_s
 
 
 def handler_latencies(backend: str, names: str, image: Path, clicks: int) -> list[float]:
-    """Seconds of ``DemoApp.trace_at`` per click, in-process (no browser, no network)."""
+    """Seconds of ``SegmentTab.trace_at`` per click, in-process (no browser, no network)."""
     from demo.app import DemoApp, Session
     from demo.models import backend_info, make_model_factory
 
     with tempfile.TemporaryDirectory() as cache:
         app = DemoApp(make_model_factory(backend, cache), backend_info(backend))
         session = Session()
-        for _ in app.build(names, [], "cpu", backend_info(backend).default_support, session):
+        for _ in app.tab_build.build(
+            names, [], "cpu", backend_info(backend).default_support, session
+        ):
             pass
-        seg = app.segment(str(image), session)[2]
-        h, w = seg.size
+        seg = app.tab_segment.segment(str(image), session).seg_state
+        h, w = seg.current.size
         pts = _points(w, h, clicks + WARMUP)
         out = []
         for i, (x, y) in enumerate(pts):
             t = time.perf_counter()
-            app.trace_at(seg, [x, y])
+            app.tab_segment.trace_at(seg, [x, y])
             if i >= WARMUP:
                 out.append(time.perf_counter() - t)
     return out
@@ -157,7 +171,7 @@ def main() -> None:
     names = args.names or DEFAULT_NAMES[args.backend]
     image = ROOT / (args.image or DEFAULT_IMAGE[args.backend])
 
-    browser, charts, build_s = browser_latencies(args.backend, names, image, args.clicks)
+    browser, charts, tops, build_s = browser_latencies(args.backend, names, image, args.clicks)
     handler = handler_latencies(args.backend, names, image, args.clicks)
     print(
         f"backend={args.backend} categories='{names}' image={image.name} clicks={args.clicks} "
@@ -169,6 +183,7 @@ def main() -> None:
     for label, vals in (
         ("click -> trace panel rendered (browser)", browser),
         ("click -> score chart drawn too (browser)", charts),
+        ("click -> top prototypes shown too (browser)", tops),
         ("trace handlers only (in-process)", handler),
     ):
         ms = [v * 1000 for v in vals]
@@ -181,7 +196,11 @@ def main() -> None:
     print(f"browser p50 / handler p50 = {ratio:.1f}x (the rest is transport, encoding, drawing)")
     load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
     print(f"machine: {os.cpu_count()} CPUs, load average (1, 5, 15 min) {load}")
-    for label, vals in (("trace panel", browser), ("score chart", charts)):
+    for label, vals in (
+        ("trace panel", browser),
+        ("score chart", charts),
+        ("top prototypes", tops),
+    ):
         verdict = "met" if _percentile(vals, 95) < 0.3 else "NOT met"
         print(f"goal p95 < 300 ms, {label}: {verdict}")
 

@@ -35,8 +35,9 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # tests/harness.py
 
-from demo.testing import run_app  # noqa: E402
+from harness import run_app  # noqa: E402
 
 
 def _rss_mib(pid: int) -> float:

@@ -1,7 +1,9 @@
 """The OVDiff Explorer Gradio app: :func:`build_demo` returns the ``gr.Blocks``.
 
 ``demo.inputs`` validates uploads, names and clicks; ``demo.render`` draws overlays,
-legends, heatmaps and charts; ``demo.models`` chooses the backend; ``demo.app`` wires it.
+legends, heatmaps and charts; ``demo.models`` chooses the backend; ``demo.tab_*`` (and
+``demo.panel_whatif``) are the tabs, each with its handlers, layout and wiring;
+``demo.app`` holds the shared state and assembles them.
 Importing this package does not import Gradio; importing ``demo.app`` does.
 """
 

@@ -534,3 +534,96 @@ def prototype_scatter(categories: Sequence[Category], extractor: str) -> go.Figu
         plot_bgcolor="white",
     )
     return fig
+
+
+# --------------------------------------------------------------------------- explanations
+
+CHANGED_COLOR = (255, 0, 255)  # what-if: pixels whose label changed
+
+
+def changed_overlay(overlay: np.ndarray, changed: np.ndarray) -> np.ndarray:
+    """Mark what-if changes on a label overlay: changed pixels tinted magenta and outlined.
+
+    Args:
+        overlay: (H, W, 3) uint8, e.g. from :func:`overlay_labels`.
+        changed: (H, W) bool, pixels whose label differs from the original's.
+
+    Returns:
+        (H, W, 3) uint8; pixels outside ``changed`` (and off its outline) are unchanged.
+    """
+    col = np.asarray(CHANGED_COLOR, dtype=np.uint8)
+    out = overlay.copy()
+    if changed.any():
+        out[changed] = _blend(overlay[changed][None], col, 0.6)[0]
+        out[_edges(changed) & changed] = col
+    return out
+
+
+def top_prototypes_html(rows: Sequence[dict[str, object]], x: int, y: int) -> str:
+    """The top-prototypes table of a clicked pixel.
+
+    Args:
+        rows: one dict per prototype, strongest first, with keys ``label``, ``kind``,
+            ``share`` (0..1 of that label's score), ``cosine``, ``source`` and
+            ``images`` (support image numbers, 1-based, of its support regions).
+        x, y: the pixel (input-image coordinates).
+
+    Every name is escaped with :func:`esc`.
+    """
+    body = "".join(
+        f'<tr data-rank="{i + 1}"><td>{i + 1}</td><td>{esc(r["label"])}</td>'
+        f"<td>{esc(r['kind'])}</td><td>{100.0 * float(r['share']):.0f}%</td>"  # type: ignore[arg-type]
+        f"<td>{float(r['cosine']):.3f}</td><td>{esc(r['source'])}</td>"  # type: ignore[arg-type]
+        f"<td>{esc(', '.join(f'#{n}' for n in r['images']) or '-')}</td></tr>"  # type: ignore[attr-defined]
+        for i, r in enumerate(rows)
+    )
+    return (
+        f'<div class="ovd-top" data-x="{x}" data-y="{y}" data-rows="{len(rows)}">'
+        f"<b>Strongest prototypes at (x={x}, y={y})</b>, all labels together"
+        "<table><thead><tr><th>#</th><th>label</th><th>prototype</th>"
+        "<th>share of label score</th><th>cosine</th><th>support from</th>"
+        "<th>support images</th></tr></thead>"
+        f"<tbody>{body}</tbody></table></div>"
+    )
+
+
+def atlas_card(
+    patches: Sequence[np.ndarray], fires: np.ndarray | None, image: np.ndarray, side: int = 128
+) -> np.ndarray:
+    """A prototype's card picture: its strongest support patches, then where it fires.
+
+    Args:
+        patches: (h, w, 3) uint8 support images with the prototype's region highlighted
+            (e.g. :func:`highlight_region`), strongest first.
+        fires: (H, W) float cosine of the prototype over ``image`` (None: no map; the
+            panel is grey).
+        image: (H, W, 3) uint8, the segmented image.
+        side: height of every panel in pixels.
+
+    Returns:
+        (side, W', 3) uint8: the panels side by side with 4 px white gaps.
+    """
+    panels = []
+    for p in patches:
+        w = max(1, round(p.shape[1] * side / p.shape[0]))
+        panels.append(_resize(p, (side, w), nearest=True))
+    h, w = image.shape[:2]
+    fw = max(1, round(w * side / h))
+    if fires is None:
+        panels.append(np.full((side, fw, 3), 160, dtype=np.uint8))
+    else:
+        panels.append(
+            similarity_overlay(_resize(image, (side, fw)), _resize_float(fires, (side, fw)))
+        )
+    total = sum(p.shape[1] for p in panels) + 4 * (len(panels) - 1)
+    out = np.full((side, total, 3), 255, dtype=np.uint8)
+    x = 0
+    for p in panels:
+        out[:, x : x + p.shape[1]] = p
+        x += p.shape[1] + 4
+    return out
+
+
+def _resize_float(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    img = Image.fromarray(np.asarray(values, dtype=np.float32), mode="F")
+    return np.asarray(img.resize((size[1], size[0]), Image.Resampling.BILINEAR))

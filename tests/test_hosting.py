@@ -87,12 +87,12 @@ def test_zero_gpu_build_is_one_sized_gpu_call_per_generated_category(monkeypatch
     calls = _fake_spaces(monkeypatch)
     app = DemoApp(make_model_factory("color", str(tmp_path)), backend_info("color"))
     session = Session()
-    list(app.build("cat, sofa", [], "cpu", 4, session))
+    list(app.tab_build.build("cat, sofa", [], "cpu", 4, session))
     assert [args[2] for _, args in calls] == ["cat", "sofa"]
     first = calls[0][0]
     assert isinstance(first, int) and 15 < first <= app.hosting.gpu_max_seconds
     calls.clear()
-    list(app.build("cat", [], "cpu", 4, Session()))  # cached now: a short call
+    list(app.tab_build.build("cat", [], "cpu", 4, Session()))  # cached now: a short call
     assert [(s, a[2]) for s, a in calls] == [(15, "cat")]
     scene = str(__import__("pathlib").Path(__file__).parent.parent / "assets" / "colour_scene.png")
     assert app.segment_seconds(scene, session) >= 10

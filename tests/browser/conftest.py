@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from demo.testing import CHROMIUM_ARGS, ROOT, RunningApp, chromium_path, run_app
+from harness import CHROMIUM_ARGS, ROOT, RunningApp, chromium_path, run_app
 
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
 

@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from demo.testing import (
+from harness import (
     ROOT,
     click_image_pixel,
     segment_in_page,

@@ -16,9 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from PIL import Image
-
-from demo.testing import (
+from harness import (
     ROOT,
     RunningApp,
     click_image_pixel,
@@ -27,6 +25,7 @@ from demo.testing import (
     wait_for_chart,
     wait_for_trace_change,
 )
+from PIL import Image
 
 pytestmark = pytest.mark.browser
 
@@ -36,6 +35,9 @@ README_SHOTS = {  # artifact -> README screenshot
     "03-built.png": "build.png",
     "06-trace.png": "trace.png",
     "08-how-it-works.png": "how-it-works.png",
+    "09-top-prototypes.png": "top-prototypes.png",
+    "10-what-if.png": "what-if.png",
+    "11-atlas.png": "atlas.png",
 }
 MAX_README_BYTES = 300_000
 
@@ -84,9 +86,9 @@ def reference(server: RunningApp, backend: str) -> Any:
     app = DemoApp(make_model_factory(backend, str(server.cache_dir)), info)
     session = Session()
     stuff = [n.strip() for n in NAMES[backend].split(",") if is_stuff(n)]  # the page's default
-    for _ in app.build(NAMES[backend], stuff, "cpu", info.default_support, session):
+    for _ in app.tab_build.build(NAMES[backend], stuff, "cpu", info.default_support, session):
         pass
-    return app.segment(str(IMAGE[backend]), session)[2]
+    return app.tab_segment.segment(str(IMAGE[backend]), session).seg_state.current
 
 
 def test_page_shows_the_mode_banner(page: Any, backend: str, artifacts: Path) -> None:
@@ -183,6 +185,104 @@ def test_clicking_pixels_traces_them(
         _shot(page, artifacts, f"0{5 + i}-trace.png" if i else "05-trace-first.png")
     assert infos[0][:2] != infos[1][:2] and infos[0][2] != infos[1][2]
     assert infos[0][3] != infos[1][3]  # a new similarity map
+
+
+def _wait_text(page: Any, selector: str, text: str, timeout_ms: int = 30_000) -> str:
+    page.wait_for_function(
+        "([s, t]) => (document.querySelector(s)?.innerText || '').includes(t)",
+        arg=[selector, text],
+        timeout=timeout_ms,
+    )
+    return str(page.locator(selector).inner_text())
+
+
+def _overlay_src(page: Any) -> str:
+    return str(page.evaluate("() => document.querySelector('#overlay img')?.src || ''"))
+
+
+def test_top_prototypes_at_the_clicked_pixel(
+    page: Any, backend: str, artifacts: Path, reference: Any
+) -> None:
+    from ovdiff_core.explain import top_prototypes
+
+    w, h = Image.open(IMAGE[backend]).size
+    old = sim_src(page)
+    x, y = click_image_pixel(page, "#overlay", int(0.3 * w), int(0.4 * h))
+    wait_for_trace_change(page, x, y, old)
+    page.wait_for_selector(f'#top-info .ovd-top[data-x="{x}"][data-y="{y}"]')
+    expected = top_prototypes(reference, x, y, 5)
+    rows = page.locator("#top-info tr[data-rank]")
+    assert rows.count() == len(expected) == 5
+    for i, p in enumerate(expected):
+        cells = rows.nth(i).locator("td").all_inner_texts()
+        assert cells[1] == p.label_name and cells[5] == p.source
+        assert f"#{p.prototype.index} ({p.prototype.extractor})" in cells[2]
+        assert cells[3] == f"{100 * p.share:.0f}%"
+    page.wait_for_function("() => document.querySelectorAll('#top-regions img').length > 0")
+    _shot(page, artifacts, "09-top-prototypes.png")
+
+
+def test_what_if_excluding_a_support_image_then_restoring(
+    page: Any, artifacts: Path, reference: Any
+) -> None:
+    import re
+
+    from ovdiff_core.explain import what_if
+
+    original = _overlay_src(page)
+    page.locator("#trace-regions img").first.click()
+    picked = _wait_text(page, "#pick-info", "Selected:")
+    found = re.search(r".*support image (.+?) #(\d+)\s*$", picked.strip())
+    assert found, picked
+    category, number = found.group(1), int(found.group(2))
+    page.keyboard.press("Escape")  # close the gallery preview
+    page.click("#exclude-image")
+    status = _wait_text(page, "#whatif-status", "pixels changed label", 60_000)
+    expected = what_if(reference, exclude_images={category: [number - 1]})
+    assert f"{int(expected.changed.sum())} pixels changed label" in status
+    assert f"{len(expected.removed)} prototypes removed" in status
+    if expected.changed.any():  # a new overlay, changed pixels marked (same pixels: same file)
+        page.wait_for_function(
+            "(old) => document.querySelector('#overlay img')?.src !== old", arg=original
+        )
+    assert page.locator("#trace-regions img").count() == 0  # stale explanations cleared
+    _shot(page, artifacts, "10-what-if.png")
+    page.click("#restore")
+    _wait_text(page, "#whatif-status", "Nothing excluded")
+    assert "Click any pixel" in page.locator("#trace-info").inner_text()
+
+
+def test_atlas_sorts_and_excludes_a_prototype(page: Any, artifacts: Path, reference: Any) -> None:
+    from ovdiff_core.explain import atlas
+
+    category = reference.class_names[1]
+    extractor = reference.extractors[0]
+    page.click("#atlas-show")
+    page.wait_for_selector("#atlas-info tr[data-index]")
+    cards = atlas(reference, category, extractor, sort_by="pixels")
+    rows = page.locator("#atlas-info tr[data-index]")
+    assert rows.count() == len(cards)
+    won = [int(rows.nth(i).get_attribute("data-pixels")) for i in range(rows.count())]
+    assert won == [c.pixels_won for c in cards] and won == sorted(won, reverse=True)
+    page.wait_for_function("() => document.querySelectorAll('#atlas-gallery img').length > 0")
+    _shot(page, artifacts, "11-atlas.png")
+    page.locator("#atlas-sort input").click()
+    page.get_by_role("option", name="member cells").click()
+    page.wait_for_function(
+        """() => { const r = [...document.querySelectorAll('#atlas-info tr[data-members]')]
+            .map(t => +t.dataset.members);
+          return r.length > 1 && r.every((v, i) => i === 0 || r[i - 1] >= v); }"""
+    )
+    first = page.locator("#atlas-info tr[data-index]").first.get_attribute("data-index")
+    page.locator("#atlas-gallery img").first.click()
+    picked = _wait_text(page, "#pick-info", "prototype")
+    assert f"#{first} " in picked and category in picked
+    page.keyboard.press("Escape")
+    page.click("#exclude-prototype")
+    status = _wait_text(page, "#whatif-status", "pixels changed label", 60_000)
+    assert "1 prototypes removed" in status
+    page.click("#restore")
+    _wait_text(page, "#whatif-status", "Nothing excluded")
 
 
 def test_how_it_works_tab(page: Any, artifacts: Path, reference: Any) -> None:

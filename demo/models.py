@@ -6,7 +6,7 @@ Backends:
   from the Hugging Face hub or local folders.
 * ``tiny``  - the same classes with tiny random weights (offline; CI). Segmentations are
   meaningless; the UI is identical.
-* ``color`` - the colour world of :mod:`ovdiff_core.testing`: categories are colours,
+* ``color`` - the colour world of :mod:`ovdiff_core.colorworld`: categories are colours,
   no neural network at all, yet the segmentations are meaningful. For teaching and tests.
 
 A *model factory* maps (preset, support-set size) to an :class:`~ovdiff_core.OVDiff`.
@@ -132,7 +132,7 @@ def color_model(preset: str, support_size: int | None, cache_dir: str | None) ->
     ``preset`` "cpu" segments one whole-image view at short side 160; "paper" adds
     sliding windows at short side 224.
     """
-    from ovdiff_core.testing import ColorExtractor, ColorGenerator, ColorScorer, ColorWorld
+    from ovdiff_core.colorworld import ColorExtractor, ColorGenerator, ColorScorer, ColorWorld
 
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")

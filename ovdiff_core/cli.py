@@ -9,7 +9,7 @@
     ovdiff eval context60 --root ~/data/VOCdevkit      # context59, coco-object too
 
 Every command takes ``--backend real|tiny|color`` (``color``: the colour world of
-:mod:`ovdiff_core.testing`, no networks), ``--preset cpu|paper``, ``--cache DIR`` and
+:mod:`ovdiff_core.colorworld`, no networks), ``--preset cpu|paper``, ``--cache DIR`` and
 ``--support-size N``. Builds are resumable: classes already in the cache are loaded, not
 rebuilt. Progress goes to stderr as tqdm bars (``--quiet`` turns them off); results go to
 stdout. Also runs as ``python -m ovdiff_core``.
@@ -143,9 +143,9 @@ def make_model(
     if support_size is not None and support_size < 1:
         raise CLIError(f"--support-size must be >= 1, got {support_size}")
     if backend == "color":
+        from ovdiff_core.colorworld import ColorExtractor, ColorGenerator, ColorScorer
         from ovdiff_core.config import SegmentConfig
         from ovdiff_core.evaluation.synthetic import color_world
-        from ovdiff_core.testing import ColorExtractor, ColorGenerator, ColorScorer
 
         world = color_world(names)
         generator = ColorGenerator(

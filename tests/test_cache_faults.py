@@ -20,9 +20,9 @@ from safetensors import SafetensorError
 
 import ovdiff_core.cache as cache_mod
 from ovdiff_core.cache import DEFAULT_MAX_BYTES, Cache, CacheWriteError, default_max_bytes
+from ovdiff_core.colorworld import ColorExtractor, ColorGenerator, ColorWorld, paint_scene
 from ovdiff_core.config import SegmentConfig
 from ovdiff_core.pipeline import DEFAULT_MAX_CATEGORIES, CacheWriteWarning, OVDiff
-from ovdiff_core.testing import ColorExtractor, ColorGenerator, ColorWorld, paint_scene
 
 WORLD = ColorWorld.default()
 CFG = SegmentConfig(short_side=48, windows=False)

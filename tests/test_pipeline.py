@@ -7,8 +7,14 @@ import pytest
 from helpers import PaletteExtractor, accuracy, support_from_boxes, unit
 
 from ovdiff_core import OVDiff, PrototypeConfig, SegmentConfig, trace
+from ovdiff_core.colorworld import (
+    ColorExtractor,
+    ColorGenerator,
+    ColorScorer,
+    ColorWorld,
+    paint_scene,
+)
 from ovdiff_core.pipeline import MAX_NAME_LENGTH, clean_category_name
-from ovdiff_core.testing import ColorExtractor, ColorGenerator, ColorScorer, ColorWorld, paint_scene
 
 WORLD = ColorWorld.default()
 CFG = SegmentConfig(short_side=48, windows=False)

@@ -10,11 +10,11 @@ import pytest
 import torch
 from helpers import PaletteExtractor, make_category, support_from_boxes, unit
 
+from ovdiff_core.colorworld import ColorExtractor, ColorGenerator, ColorWorld, paint_scene
 from ovdiff_core.config import PrototypeConfig, SegmentConfig
 from ovdiff_core.pipeline import OVDiff
 from ovdiff_core.segment import Segmentation, interp_matrix, pixel_centres, segment
 from ovdiff_core.standins import CodedExtractor, coded_scene, random_categories
-from ovdiff_core.testing import ColorExtractor, ColorGenerator, ColorWorld, paint_scene
 from ovdiff_core.trace import decompose, trace
 from ovdiff_core.types import PrototypeKind
 

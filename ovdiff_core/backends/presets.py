@@ -164,6 +164,7 @@ COLOR_SEGMENT: dict[str, SegmentConfig] = {
     "paper": SegmentConfig(short_side=224, window_sizes=(160, 112), window_stride=80),
 }
 COLOR_IMAGES = 16  # support images per category (every background colour shows up)
+COLOR_BATCH = 2  # support images per streamed batch
 COLOR_SIDE = 96  # support image side, pixels
 COLOR_ALIGN = 16  # object boxes snap to the coarser extractor's stride
 
@@ -279,7 +280,7 @@ def _color_components(
     generator = ColorGenerator(
         world,
         n_images=support_size or COLOR_IMAGES,
-        batch_size=4,
+        batch_size=COLOR_BATCH,
         size=(COLOR_SIDE, COLOR_SIDE),
         align=COLOR_ALIGN,
     )

@@ -252,7 +252,7 @@ def _segment_one(
     refine: PamrConfig | None = None,
 ) -> dict:
     image = _read_rgb(path)
-    seg = model.segment(image, names=list(names))
+    seg = model.segment(image, list(names))
     vocab_index = {n: i + 1 for i, n in enumerate(names)}
     lut = np.array([0] + [vocab_index[n] for n in seg.class_names[1:]], dtype=np.int64)
     kept = seg.labels

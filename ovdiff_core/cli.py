@@ -501,7 +501,7 @@ def _cmd_convert(args: argparse.Namespace, stdout: TextIO) -> int:
 
     def progress(done: int, total: int) -> None:
         bar.total = total
-        bar.update(1)
+        bar.update(done - bar.n)
 
     with bar:
         if args.dataset == "context":

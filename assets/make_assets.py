@@ -29,7 +29,7 @@ def main() -> None:
     from matplotlib import cbook
 
     sys.path.insert(0, str(HERE.parent))
-    from ovdiff_core.testing import ColorWorld, paint_scene
+    from ovdiff_core.colorworld import ColorWorld, paint_scene
 
     _save(skimage.data.chelsea(), "cat.jpg")
     _save(skimage.data.coffee(), "coffee.jpg")

@@ -57,7 +57,7 @@ def _du_mib(path: Path) -> float:
 
 
 def _scene(side: int, path: Path) -> None:
-    from ovdiff_core.testing import ColorWorld, paint_scene
+    from ovdiff_core.colorworld import ColorWorld, paint_scene
 
     world = ColorWorld.default()
     boxes = [

@@ -2,12 +2,13 @@
 
 Backends:
 
-* ``real``  - the real models (:func:`ovdiff_core.backends.presets.build_ovdiff`), weights
-  from the Hugging Face hub or local folders.
+* ``real``  - the real models, weights from the Hugging Face hub or local folders.
 * ``tiny``  - the same classes with tiny random weights (offline; CI). Segmentations are
   meaningless; the UI is identical.
-* ``color`` - the colour world of :mod:`ovdiff_core.testing`: categories are colours,
+* ``color`` - the colour world of :mod:`ovdiff_core.colorworld`: categories are colours,
   no neural network at all, yet the segmentations are meaningful. For teaching and tests.
+
+All three are built by :func:`ovdiff_core.backends.build_ovdiff`.
 
 A *model factory* maps (preset, support-set size) to an :class:`~ovdiff_core.OVDiff`.
 :class:`ModelPool` calls it once per distinct setting and shares the result between
@@ -28,8 +29,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ovdiff_core.cache import Cache
-from ovdiff_core.config import SegmentConfig
+from ovdiff_core.backends.generator import SDSupportGenerator
+from ovdiff_core.backends.incontext import InContextSupport
+from ovdiff_core.backends.presets import BACKENDS, PRESETS, build_ovdiff
 from ovdiff_core.pipeline import OVDiff
 from ovdiff_core.stuff import VOC
 from ovdiff_core.types import SupportSet
@@ -43,12 +45,9 @@ __all__ = [
     "OwnPhotos",
     "ProgressFn",
     "backend_info",
-    "color_model",
     "make_model_factory",
 ]
 
-BACKENDS = ("real", "tiny", "color")
-PRESETS = ("cpu", "paper")
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 # (preset, support-set size or None for the preset's default) -> model. A factory may
@@ -126,64 +125,6 @@ def backend_info(backend: str) -> BackendInfo:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def color_model(preset: str, support_size: int | None, cache_dir: str | None) -> OVDiff:
-    """The colour-world model: two colour extractors (strides 8 and 16) and a CLIP stand-in.
-
-    ``preset`` "cpu" segments one whole-image view at short side 160; "paper" adds
-    sliding windows at short side 224.
-    """
-    from ovdiff_core.testing import ColorExtractor, ColorGenerator, ColorScorer, ColorWorld
-
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
-    world = ColorWorld.default()
-    generator = ColorGenerator(world, n_images=support_size or 6, batch_size=2, size=(96, 96))
-    extractors = [ColorExtractor("color", stride=8), ColorExtractor("color2", stride=16, seed=1)]
-    if preset == "cpu":
-        seg = SegmentConfig(short_side=160, windows=False)
-    else:
-        seg = SegmentConfig(short_side=224, window_sizes=(160, 112), window_stride=80)
-    return OVDiff(
-        generator,
-        extractors,
-        ColorScorer(world),
-        segment_config=seg,
-        cache=Cache(cache_dir) if cache_dir else Cache(),
-    )
-
-
-def _preset_model(
-    backend: str,
-    preset: str,
-    support_size: int | None,
-    cache_dir: str | None,
-    progress: ProgressFn | None = None,
-) -> OVDiff:
-    from ovdiff_core.backends.presets import build_ovdiff
-
-    model = build_ovdiff(preset=preset, backend=backend, cache_dir=cache_dir, progress=progress)
-    if support_size is not None:
-        _set_support_size(model, support_size)
-    return model
-
-
-def _set_support_size(model: OVDiff, n: int) -> None:
-    """Make ``model``'s generator produce ``n`` images per category.
-
-    Works with generators that keep a frozen ``config`` dataclass with ``n_images`` and
-    ``replace()`` (the Stable Diffusion generator) or a plain ``n_images`` attribute.
-    The model is private to one (preset, size) setting of the pool, so this is safe.
-    """
-    gen = model.generator
-    config = getattr(gen, "config", None)
-    if config is not None and hasattr(config, "n_images") and hasattr(config, "replace"):
-        gen.config = config.replace(n_images=n)  # type: ignore[union-attr]
-    elif hasattr(gen, "n_images"):
-        gen.n_images = n  # type: ignore[union-attr]
-    else:
-        raise ValueError(f"this generator ({type(gen).__name__}) has no adjustable support size")
-
-
 def make_model_factory(backend: str, cache_dir: str | None = None) -> ModelFactory:
     """The model factory of ``backend``; ``cache_dir`` defaults to ``$OVDIFF_CACHE``."""
     if backend not in BACKENDS:
@@ -193,9 +134,13 @@ def make_model_factory(backend: str, cache_dir: str | None = None) -> ModelFacto
     def factory(
         preset: str, support_size: int | None, progress: ProgressFn | None = None
     ) -> OVDiff:
-        if backend == "color":
-            return color_model(preset, support_size, cache_dir)
-        return _preset_model(backend, preset, support_size, cache_dir, progress)
+        return build_ovdiff(
+            preset,
+            backend=backend,
+            cache_dir=cache_dir,
+            progress=progress,
+            support_size=support_size,
+        )
 
     return factory
 
@@ -292,33 +237,9 @@ class OwnPhotoSupport:
     """
 
     def __init__(self, model: OVDiff) -> None:
-        self._impl: Any = None
-        gen: Any = model.generator
-        cfg = getattr(gen, "config", None)
-        if gen is not None and hasattr(gen, "pipe") and hasattr(cfg, "resolution"):
-            from ovdiff_core.backends.incontext import InContextConfig, InContextSupport
-
-            assert cfg is not None
-            icfg = InContextConfig(
-                model_id=cfg.model_id,
-                revision=cfg.revision,
-                encoder_id=cfg.decoder_id,
-                prompt=cfg.prompt,
-                resolution=cfg.resolution,
-                map_size=cfg.map_size,
-                name_remaps=cfg.name_remaps,
-                masks=cfg.masks,
-                proposer_input_size=cfg.proposer_input_size,
-            )
-            encoder = gen.pipe.vae if cfg.decoder_id else None
-            self._impl = InContextSupport(
-                gen.pipe, icfg, gen.proposer, model_name=gen.model_name, encoder=encoder
-            )
-
-    @property
-    def needs_masks(self) -> bool:
-        """True when every photo must come with a painted foreground."""
-        return self._impl is None
+        self._impl: InContextSupport | None = None
+        if isinstance(model.generator, SDSupportGenerator):
+            self._impl = InContextSupport.from_generator(model.generator)
 
     def __call__(self, name: str, photos: OwnPhotos) -> SupportSet:
         """Support set of ``name`` from ``photos`` (see :data:`OwnPhotos`).
@@ -330,8 +251,7 @@ class OwnPhotoSupport:
             raise ValueError("No photos: add at least one photo of the category.")
         if self._impl is None:
             return painted_support(name, photos)
-        support: SupportSet = self._impl(name, [p for p, _ in photos], [m for _, m in photos])
-        return support
+        return self._impl(name, [p for p, _ in photos], [m for _, m in photos])
 
 
 def painted_support(name: str, photos: OwnPhotos, side: int = 96) -> SupportSet:

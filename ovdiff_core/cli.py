@@ -8,8 +8,9 @@
     ovdiff convert context --src ~/data/context --dst ~/data/VOCdevkit/VOC2010  # once
     ovdiff eval context60 --root ~/data/VOCdevkit      # context59, coco-object too
 
-Every command takes ``--backend real|tiny|color`` (``color``: the colour world of
-:mod:`ovdiff_core.testing`, no networks), ``--preset cpu|paper``, ``--cache DIR`` and
+Every command takes ``--backend real|tiny|color`` (see
+:func:`ovdiff_core.backends.build_ovdiff`; ``color``: the colour world of
+:mod:`ovdiff_core.colorworld`, no networks), ``--preset cpu|paper``, ``--cache DIR`` and
 ``--support-size N``. Builds are resumable: classes already in the cache are loaded, not
 rebuilt. Progress goes to stderr as tqdm bars (``--quiet`` turns them off); results go to
 stdout. Also runs as ``python -m ovdiff_core``.
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import numpy as np
 from PIL import Image, ImageOps
 
+from ovdiff_core.backends.presets import BACKENDS, PRESETS, build_ovdiff
 from ovdiff_core.config import MASK_RULES
 from ovdiff_core.distributed import current, distributed
 from ovdiff_core.evaluation.datasets import (
@@ -62,8 +64,6 @@ __all__ = [
     "resolve_vocabulary",
 ]
 
-BACKENDS = ("real", "tiny", "color")
-PRESETS = ("cpu", "paper")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -126,52 +126,23 @@ def make_model(
     support_size: int | None = None,
     device: str | None = None,
 ) -> OVDiff:
-    """The model of ``backend`` and ``preset``.
-
-    ``color`` builds the colour-world model here (two colour extractors, strides 8 and 16,
-    a CLIP stand-in) over :func:`~ovdiff_core.evaluation.synthetic.color_world` of
-    ``names``; the ``cpu`` preset segments one view at short side 160, ``paper`` adds
-    windows at short side 224. ``real`` and ``tiny`` come from
-    :func:`ovdiff_core.backends.build_ovdiff`.
-    """
-    from ovdiff_core.cache import Cache
-
+    """The model of ``backend`` and ``preset``: :func:`ovdiff_core.backends.build_ovdiff`
+    (the colour world tells the vocabulary ``names`` apart), with user errors as
+    :class:`CLIError`."""
     if backend not in BACKENDS:
         raise CLIError(f"--backend must be one of {BACKENDS}, got {backend!r}")
     if preset not in PRESETS:
-        raise CLIError(f"--preset must be one of {PRESETS}, got {preset!r}")
+        raise CLIError(f"--preset must be one of {tuple(PRESETS)}, got {preset!r}")
     if support_size is not None and support_size < 1:
         raise CLIError(f"--support-size must be >= 1, got {support_size}")
-    if backend == "color":
-        from ovdiff_core.config import SegmentConfig
-        from ovdiff_core.evaluation.synthetic import color_world
-        from ovdiff_core.testing import ColorExtractor, ColorGenerator, ColorScorer
-
-        world = color_world(names)
-        generator = ColorGenerator(
-            world, n_images=support_size or 16, batch_size=4, size=(96, 96), align=16
-        )
-        extractors = [
-            ColorExtractor("color", stride=8),
-            ColorExtractor("color2", stride=16, seed=1),
-        ]
-        if preset == "cpu":
-            seg = SegmentConfig(short_side=160, windows=False)
-        else:
-            seg = SegmentConfig(short_side=224, window_sizes=(160, 112), window_stride=80)
-        cache = Cache(cache_dir) if cache_dir else Cache()
-        return OVDiff(generator, extractors, ColorScorer(world), segment_config=seg, cache=cache)
-    from ovdiff_core.backends import build_ovdiff
-
-    model = build_ovdiff(preset, backend=backend, cache_dir=cache_dir, device=device)
-    if support_size is not None:
-        gen: Any = model.generator
-        config = getattr(gen, "config", None)
-        if config is not None and hasattr(config, "replace"):
-            gen.config = config.replace(n_images=support_size)
-        else:
-            gen.n_images = support_size
-    return model
+    return build_ovdiff(
+        preset,
+        backend=backend,
+        cache_dir=cache_dir,
+        device=device,
+        support_size=support_size,
+        names=names,
+    )
 
 
 # --------------------------------------------------------------------------- build
@@ -281,7 +252,7 @@ def _segment_one(
     refine: PamrConfig | None = None,
 ) -> dict:
     image = _read_rgb(path)
-    seg = model.segment(image, names=list(names))
+    seg = model.segment(image, list(names))
     vocab_index = {n: i + 1 for i, n in enumerate(names)}
     lut = np.array([0] + [vocab_index[n] for n in seg.class_names[1:]], dtype=np.int64)
     kept = seg.labels
@@ -530,7 +501,7 @@ def _cmd_convert(args: argparse.Namespace, stdout: TextIO) -> int:
 
     def progress(done: int, total: int) -> None:
         bar.total = total
-        bar.update(1)
+        bar.update(done - bar.n)
 
     with bar:
         if args.dataset == "context":
@@ -634,7 +605,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--backend", choices=BACKENDS, default="real", help="models to use")
-    common.add_argument("--preset", choices=PRESETS, default="cpu", help="named settings")
+    common.add_argument("--preset", choices=tuple(PRESETS), default="cpu", help="named settings")
     common.add_argument("--cache", default=None, help="cache folder (default $OVDIFF_CACHE)")
     common.add_argument("--support-size", type=int, default=None, help="images per class")
     common.add_argument("--device", default=None, help="torch device (real/tiny backends)")

@@ -70,7 +70,6 @@ class SegmentConfig:
         return replace(self, **changes)
 
 
-PAPER_PROTOTYPES = PrototypeConfig()
 PAPER_SEGMENT = SegmentConfig()
 # One whole-image view at a smaller size: about 10x less extractor work than PAPER.
 FAST_SEGMENT = SegmentConfig(short_side=320, windows=False)

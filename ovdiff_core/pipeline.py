@@ -441,36 +441,76 @@ class OVDiff:
     def segment(
         self,
         image: np.ndarray,
-        names: Sequence[str] | None = None,
+        categories: Sequence[str | Category] | None = None,
         config: SegmentConfig | None = None,
+        keep_features: bool = False,
     ) -> Segmentation:
-        """Segment ``image`` ((H, W, 3) uint8 RGB) into built categories.
+        """Segment ``image`` ((H, W, 3) uint8 RGB) into categories and background.
 
         Args:
-            names: which built categories to use (default: all in :attr:`categories`,
-                in build order). A name dropped from the registry (see
-                ``max_categories``) is reloaded from the cache when it is there.
+            categories: which categories to use, in label order: names of built
+                categories, :class:`Category` objects (used as given, e.g. one visitor's
+                own categories, and not put in :attr:`categories`), or a mix; default:
+                all in :attr:`categories`, in build order. A name dropped from the
+                registry (see ``max_categories``) is reloaded from the cache when it is
+                there. Repeated names count once.
             config: override of the stage-3 settings for this call.
+            keep_features: keep the target features for what-if edits (see
+                :func:`~ovdiff_core.segment.segment`).
 
         Raises:
-            ValueError: a name that is neither built nor in the cache.
+            ValueError: a name that is neither built nor in the cache, an item that is
+                neither a name nor a Category, two different categories of one name, or
+                a category without a bank for one of the extractors.
         """
-        if names is None:
+        if categories is None:
             with self._lock:
                 cats = list(self.categories.values())
+        elif isinstance(categories, (str, Category)):
+            raise ValueError(
+                "segment: categories must be a list of names or Category objects, got a "
+                f"single {type(categories).__name__}; wrap it in a list"
+            )
         else:
-            found = {n: self._registered(n) or self._reload(n) for n in dict.fromkeys(names)}
-            missing = [n for n, c in found.items() if c is None]
-            if missing:
-                raise ValueError(
-                    f"segment: categories {missing} are not built (or were dropped from "
-                    f"memory, which keeps the {self.max_categories} most recently used, and "
-                    "are not in the cache); build() them again or raise max_categories"
-                )
-            cats = [c for c in found.values() if c is not None]
+            cats = self._resolve(categories)
         if not cats:
             raise ValueError("segment: no categories are built yet; call build([...]) first")
-        return segment(image, cats, self.extractors, config or self.segment_config, self.scorer)
+        config = config or self.segment_config
+        return segment(image, cats, self.extractors, config, self.scorer, keep_features)
+
+    def _resolve(self, items: Sequence[str | Category]) -> list[Category]:
+        """Categories of names and Category objects, in order (a name once)."""
+        out: dict[str, Category] = {}
+        missing: list[str] = []
+        for item in items:
+            if isinstance(item, Category):
+                other = out.get(item.name)
+                if other is not None and other is not item:
+                    raise ValueError(
+                        f"segment: two different categories are named {item.name!r}; "
+                        "rename one or pass only one of them"
+                    )
+                out[item.name] = item
+            elif isinstance(item, str):
+                if item in out or item in missing:
+                    continue
+                cat = self._registered(item) or self._reload(item)
+                if cat is None:
+                    missing.append(item)
+                else:
+                    out[item] = cat
+            else:
+                raise ValueError(
+                    "segment: categories must be names (str) or Category objects, got "
+                    f"{type(item).__name__}"
+                )
+        if missing:
+            raise ValueError(
+                f"segment: categories {missing} are not built (or were dropped from "
+                f"memory, which keeps the {self.max_categories} most recently used, and "
+                "are not in the cache); build() them again or raise max_categories"
+            )
+        return list(out.values())
 
 
 def _final(events: Iterable[BuildProgress]) -> Category:

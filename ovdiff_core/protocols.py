@@ -1,7 +1,7 @@
 """Interfaces of the components the algorithm is given (never loads itself).
 
 Real implementations live in :mod:`ovdiff_core.backends`; tests use tiny random models
-of the same classes or the deterministic stand-ins of :mod:`ovdiff_core.testing`.
+of the same classes or the deterministic stand-ins of :mod:`ovdiff_core.colorworld`.
 """
 
 from __future__ import annotations

@@ -9,15 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from ovdiff_core.config import ALGORITHM_VERSION, MASK_RULES, PrototypeConfig
+from ovdiff_core.geometry import cell_edges
 from ovdiff_core.kmeans import kmeans
 from ovdiff_core.types import PrototypeBank, PrototypeKind, SupportSet
 
 __all__ = ["build_bank", "region_coverage", "region_to_grid"]
-
-
-def cell_edges(size: int, cells: int) -> np.ndarray:
-    """(cells + 1,) pixel edges: cell i covers ``[edges[i], edges[i + 1])``."""
-    return (np.arange(cells + 1) * size) // cells
 
 
 def region_coverage(mask: np.ndarray, grid_size: tuple[int, int]) -> np.ndarray:

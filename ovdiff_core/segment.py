@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from ovdiff_core.config import SegmentConfig
+from ovdiff_core.geometry import AxisTaps, bilinear_taps, blend, pixel_centres
 from ovdiff_core.prefilter import PrefilterResult, prefilter
 from ovdiff_core.protocols import FeatureExtractor, ImageTextScorer
 from ovdiff_core.types import Category, PrototypeBank
@@ -325,33 +326,6 @@ def view_boxes(size: tuple[int, int], config: SegmentConfig) -> list[tuple[int, 
     return boxes
 
 
-def pixel_centres(n_input: int, n_processed: int) -> np.ndarray:
-    """(n_input,) float64 processed-image coordinates of the input pixels' centres."""
-    return (np.arange(n_input, dtype=np.float64) + 0.5) * (n_processed / n_input)
-
-
-def bilinear_taps(
-    coords: np.ndarray, start: int, length: int, cells: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The two cells each point blends, along one axis of a view: the one geometry that
-    scores, traces and similarity maps share.
-
-    Args:
-        coords: (n,) processed-image coordinates of the points.
-        start, length: the view's extent on this axis, processed pixels.
-        cells: the view's feature grid size on this axis.
-
-    Returns:
-        lo, hi (n,) int64 cells and frac (n,) float64: a point takes ``1 - frac`` of cell
-        ``lo`` and ``frac`` of cell ``hi`` (cell centres at
-        ``start + (i + 0.5) * length / cells``, clamped at the edges, so ``hi == lo`` and
-        ``frac == 0`` beyond the outer centres).
-    """
-    u = np.clip((coords - start) * (cells / length) - 0.5, 0.0, cells - 1)
-    lo = np.floor(u).astype(np.int64)
-    return lo, np.minimum(lo + 1, cells - 1), u - lo
-
-
 def interp_matrix(coords: np.ndarray, start: int, length: int, cells: int) -> np.ndarray:
     """Bilinear weights from a view's cell grid to points along one axis.
 
@@ -383,10 +357,7 @@ class _Span:
 
     start: int
     stop: int
-    lo: Any  # (stop - start,) int64 cells
-    hi: Any  # (stop - start,) int64 cells
-    w0: Any  # (stop - start,) float32 weights of lo
-    w1: Any  # (stop - start,) float32 weights of hi
+    taps: AxisTaps  # of the stop - start pixels
 
     @staticmethod
     def build(
@@ -395,11 +366,16 @@ class _Span:
         idx = covered(coords, start, length)
         if len(idx) == 0:
             return None
-        lo, hi, frac = bilinear_taps(coords[idx], start, length, cells)
-        arrays: tuple[Any, ...] = (lo, hi, (1.0 - frac).astype(np.float32), frac.astype(np.float32))
-        if not numpy:
-            arrays = tuple(torch.from_numpy(x).to(device) for x in arrays)
-        return _Span(int(idx[0]), int(idx[-1]) + 1, *arrays)
+        taps = AxisTaps.build(coords[idx], start, length, cells)
+        return _Span(int(idx[0]), int(idx[-1]) + 1, taps if numpy else taps.to(device))
+
+    @property
+    def lo(self) -> Any:
+        return self.taps.lo
+
+    @property
+    def hi(self) -> Any:
+        return self.taps.hi
 
     def clip(self, a: int, b: int) -> tuple[int, int]:
         """``[a, b)`` intersected with the span (empty when ``a >= b``)."""
@@ -408,14 +384,6 @@ class _Span:
     def torch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``lo`` and ``hi`` as tensors."""
         return torch.as_tensor(self.lo), torch.as_tensor(self.hi)
-
-
-def _take(x: Any, index: Any, axis: int) -> Any:
-    """``x`` gathered at ``index`` along ``axis``: numpy's ``take`` (much faster than
-    torch's ``index_select`` on the CPU), ``index_select`` on other devices."""
-    if isinstance(x, np.ndarray):
-        return np.take(x, index, axis=axis)
-    return x.index_select(axis, index)
 
 
 def _range_reduce(
@@ -489,21 +457,10 @@ class _ScoreField:
             if a >= b or c >= d:
                 continue
             i, j = slice(a - rows.start, b - rows.start), slice(c - cols.start, d - cols.start)
-            lo_c, hi_c = cols.lo[j], cols.hi[j]
-            first, last = int(lo_c[0]), int(hi_c[-1]) + 1  # grid columns this block taps
+            first, last = int(cols.lo[j][0]), int(cols.hi[j][-1]) + 1  # grid columns tapped
             g: Any = grid.numpy() if self.cpu else grid
             g = g[:, :, first:last] if pick is None else g[pick, :, first:last]
-            # columns first, on the small (k, h, columns) grid, then whole rows
-            t = _take(g, lo_c - first, 2)
-            t *= cols.w0[j]
-            right = _take(g, hi_c - first, 2)
-            right *= cols.w1[j]
-            t += right
-            up = _take(t, rows.lo[i], 1)
-            up *= rows.w0[i][:, None]
-            down = _take(t, rows.hi[i], 1)
-            down *= rows.w1[i][:, None]
-            up += down
+            up = blend(g, rows.taps.part(i), cols.taps.part(j, first))
             acc[:, a - r0 : b - r0, c - c0 : d - c0] += up
             count[a - r0 : b - r0, c - c0 : d - c0] += 1.0
         acc /= count

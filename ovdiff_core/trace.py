@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ovdiff_core.segment import Segmentation, bilinear_taps, pixel_centres
+from ovdiff_core.geometry import AxisTaps, GridTaps, bilinear_taps, pixel_centres
+from ovdiff_core.segment import Segmentation
 from ovdiff_core.types import PrototypeBank, PrototypeKind
 
 __all__ = ["Contribution", "PixelTrace", "PrototypeRef", "SupportRegion", "decompose", "trace"]
@@ -148,34 +149,6 @@ class _Axis:
         return [(c, wt) for c, wt in ((lo, 1.0 - f), (hi, f)) if wt != 0.0]
 
 
-class _Taps32:
-    """Separable bilinear resampling of a whole-view cell map to the input pixels, with the
-    row and column taps of :class:`_Axis` as float32 weights ready for numpy."""
-
-    def __init__(self, rows: _Axis, cols: _Axis) -> None:
-        self.row_lo, self.row_hi = rows.lo, rows.hi
-        self.row_w1 = rows.frac.astype(np.float32)[:, None]
-        self.row_w0 = 1.0 - self.row_w1
-        self.col_lo, self.col_hi = cols.lo, cols.hi
-        self.col_w1 = cols.frac.astype(np.float32)
-        self.col_w0 = 1.0 - self.col_w1
-
-    def apply(self, grid: np.ndarray) -> np.ndarray:
-        """(gh, gw) float32 -> (H, W) float32.
-
-        Plain numpy, a few passes over the output: no BLAS or torch thread pool to wake
-        for one small map (their hand-offs dominate the latency on a busy machine).
-        """
-        tmp = grid[self.row_lo] * self.row_w0
-        tmp += grid[self.row_hi] * self.row_w1  # (H, gw)
-        out = np.take(tmp, self.col_lo, axis=1)
-        out *= self.col_w0
-        right = np.take(tmp, self.col_hi, axis=1)
-        right *= self.col_w1
-        out += right
-        return out
-
-
 class _TraceIndex:
     """Per-segmentation lookup tables, built on the first trace of a segmentation.
 
@@ -205,15 +178,16 @@ class _TraceIndex:
         self.refs: dict[tuple[str, int], PrototypeRef] = {}
         self.ys, self.xs = ys, xs
         self.hp, self.wp = hp, wp
-        # whole-view grid (gh, gw) -> float32 bilinear taps of every input row and column
-        self.whole_taps: dict[tuple[int, int], _Taps32] = {}
+        # whole-view grid (gh, gw) -> bilinear taps of every input row and column
+        self.whole_taps: dict[tuple[int, int], GridTaps] = {}
 
-    def whole_view_taps(self, grid: tuple[int, int]) -> _Taps32:
+    def whole_view_taps(self, grid: tuple[int, int]) -> GridTaps:
+        """Taps that resample a whole-image view's (gh, gw) map onto the input pixels."""
         got = self.whole_taps.get(grid)
         if got is None:
-            got = _Taps32(
-                _Axis.build(self.ys, 0, self.hp, grid[0]),
-                _Axis.build(self.xs, 0, self.wp, grid[1]),
+            got = GridTaps(
+                AxisTaps.build(self.ys, 0, self.hp, grid[0]),
+                AxisTaps.build(self.xs, 0, self.wp, grid[1]),
             )
             self.whole_taps[grid] = got
         return got
@@ -307,30 +281,8 @@ def _similarity_map(seg: Segmentation, ref: PrototypeRef, q: int) -> np.ndarray:
 
 
 def _member_masks(bank: PrototypeBank, p: int) -> dict[int, np.ndarray]:
-    """Same result as :meth:`PrototypeBank.member_masks`, built faster.
-
-    Columns are expanded first on the small (images, gh, gw) grid stack, then whole pixel
-    rows are repeated (contiguous copies), all images in one call each.
-    """
-    n, row, col = bank.members(p)
-    if len(n) == 0:
-        return {}
-    gh, gw = bank.grid_size
-    h, w = bank.image_size
-    images, slot = np.unique(n, return_inverse=True)
-    grids = np.zeros((len(images), gh, gw), dtype=bool)
-    grids[slot, row, col] = True
-    row_rep = np.diff((np.arange(gh + 1) * h) // gh)
-    if w % gw == 0 and (w // gw) % 8 == 0:
-        # Cells 8k px wide: write each cell's row span as k 8-byte words of 0x01 bytes.
-        words = grids.astype(np.uint64) * np.uint64(0x0101010101010101)
-        k = w // gw // 8
-        cols = np.broadcast_to(words[..., None], (*words.shape, k)).reshape(len(images), gh, -1)
-        wide = cols.view(np.bool_)  # (images, gh, W)
-    else:
-        wide = np.repeat(grids, np.diff((np.arange(gw + 1) * w) // gw), axis=2)
-    masks = np.repeat(wide, row_rep, axis=1)  # (images, H, W)
-    return {int(i): masks[k] for k, i in enumerate(images)}
+    """:meth:`PrototypeBank.member_masks` (explain.py still imports this name)."""
+    return bank.member_masks(p)
 
 
 def trace(seg: Segmentation, x: int, y: int) -> PixelTrace:
@@ -366,7 +318,7 @@ def trace(seg: Segmentation, x: int, y: int) -> PixelTrace:
         cosine = share / weights[best] if weights[best] > 0 else 0.0
         cat = next(c for c in seg.categories if c.name == winner.category)
         bank = cat.banks[winner.extractor]
-        for i, mask in _member_masks(bank, winner.index).items():
+        for i, mask in bank.member_masks(winner.index).items():
             img = cat.support.images[i] if cat.support is not None else None
             regions.append(SupportRegion(image_index=i, mask=mask, image=img))
         sim_map = _similarity_map(seg, winner, best[1])

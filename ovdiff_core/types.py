@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ovdiff_core.geometry import cells_to_pixels
+
 __all__ = [
     "Category",
     "PrototypeBank",
@@ -177,27 +179,21 @@ class PrototypeBank:
         return n, row, col
 
     def member_masks(self, p: int) -> dict[int, np.ndarray]:
-        """Image-resolution masks of prototype ``p``'s member cells.
+        """Image-resolution masks of prototype ``p``'s member cells
+        (:func:`~ovdiff_core.geometry.cells_to_pixels`).
 
         Returns:
             ``{support image index: (H, W) bool mask}`` for every support image that has
             at least one member cell, in increasing image order.
         """
         n, row, col = self.members(p)
-        gh, gw = self.grid_size
-        h, w = self.image_size
-        row_edges = (np.arange(gh + 1) * h) // gh
-        col_edges = (np.arange(gw + 1) * w) // gw
-        # Expand a grid mask to pixels by repeating each cell over its pixel span.
-        row_rep = np.diff(row_edges)
-        col_rep = np.diff(col_edges)
-        out: dict[int, np.ndarray] = {}
-        for i in np.unique(n):
-            grid = np.zeros((gh, gw), dtype=bool)
-            sel = n == i
-            grid[row[sel], col[sel]] = True
-            out[int(i)] = np.repeat(np.repeat(grid, row_rep, axis=0), col_rep, axis=1)
-        return out
+        if len(n) == 0:
+            return {}
+        images, slot = np.unique(n, return_inverse=True)
+        grids = np.zeros((len(images), *self.grid_size), dtype=bool)
+        grids[slot, row, col] = True
+        masks = cells_to_pixels(grids, self.image_size)
+        return {int(i): masks[k] for k, i in enumerate(images)}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {

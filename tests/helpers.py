@@ -3,7 +3,7 @@
 A *palette world* maps exact RGB colours to chosen feature vectors, so a test decides
 every cosine similarity in advance. :class:`PaletteExtractor` gives each pixel the vector
 of its nearest palette colour and averages pixels per feature cell; images are painted
-with :func:`ovdiff_core.testing.paint_scene` (``noise=0`` keeps colours exact).
+with :func:`ovdiff_core.colorworld.paint_scene` (``noise=0`` keeps colours exact).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def support_from_boxes(
     """
     from scipy.ndimage import binary_dilation
 
-    from ovdiff_core.testing import paint_scene
+    from ovdiff_core.colorworld import paint_scene
 
     images, fgs, bgs = [], [], []
     for i, objs in enumerate(objects):
@@ -133,8 +133,8 @@ def concurrent_cache_worker(root: str, barrier: Any, results: Any, rounds: int) 
     """Run in a separate process: build "cat" into the shared cache, then hammer one raw
     entry with saves and loads. Puts a dict of observations on ``results``."""
     from ovdiff_core.cache import Cache, tensor_checksum
+    from ovdiff_core.colorworld import ColorExtractor, ColorGenerator, ColorWorld
     from ovdiff_core.pipeline import OVDiff
-    from ovdiff_core.testing import ColorExtractor, ColorGenerator, ColorWorld
 
     cache = Cache(root)
     gen = ColorGenerator(ColorWorld.default(), n_images=6, batch_size=2)

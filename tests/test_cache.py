@@ -13,10 +13,10 @@ import torch
 from helpers import concurrent_cache_worker
 
 from ovdiff_core.cache import Cache, default_cache_dir, tensor_checksum
+from ovdiff_core.colorworld import ColorExtractor, ColorGenerator, ColorWorld
 from ovdiff_core.config import PrototypeConfig
 from ovdiff_core.pipeline import OVDiff, clean_category_name, extract_features
 from ovdiff_core.prototypes import build_bank
-from ovdiff_core.testing import ColorExtractor, ColorGenerator, ColorWorld
 from ovdiff_core.types import PrototypeBank, SupportSet
 
 WORLD = ColorWorld.default()

@@ -20,9 +20,9 @@ from safetensors import SafetensorError
 
 import ovdiff_core.cache as cache_mod
 from ovdiff_core.cache import DEFAULT_MAX_BYTES, Cache, CacheWriteError, default_max_bytes
+from ovdiff_core.colorworld import ColorExtractor, ColorGenerator, ColorWorld, paint_scene
 from ovdiff_core.config import SegmentConfig
 from ovdiff_core.pipeline import DEFAULT_MAX_CATEGORIES, CacheWriteWarning, OVDiff
-from ovdiff_core.testing import ColorExtractor, ColorGenerator, ColorWorld, paint_scene
 
 WORLD = ColorWorld.default()
 CFG = SegmentConfig(short_side=48, windows=False)
@@ -117,7 +117,7 @@ def test_build_keeps_what_it_built_when_the_disk_is_full(
     cat = events[-1].category_result
     assert cat is not None and not events[-1].cached
     assert model.categories["cat"] is cat and set(cat.banks) == {"color"}
-    seg = model.segment(scene(), names=["cat"])
+    seg = model.segment(scene(), categories=["cat"])
     assert seg.class_names == ["background", "cat"] and (seg.labels == 1).any()
     assert temp_files(tmp_path) == []
     assert list(tmp_path.rglob("*.safetensors")) == []
@@ -218,7 +218,7 @@ def test_a_read_only_cache_serves_hits(tmp_path: Path, monkeypatch: pytest.Monke
     assert len(warned) == 1 and "the cache is read-only" in warned[0]
     assert "OVDIFF_CACHE" in warned[0]
     assert model.categories["lamp"].banks["color"] is not None and not events[-1].cached
-    assert model.segment(scene(), names=["cat", "lamp"]).class_names[1:] == ["cat", "lamp"]
+    assert model.segment(scene(), categories=["cat", "lamp"]).class_names[1:] == ["cat", "lamp"]
     monkeypatch.undo()
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
     assert fs.attempts, "the simulated file system did refuse writes"
@@ -487,7 +487,7 @@ def test_registry_is_a_bounded_lru(tmp_path: Path) -> None:
     model.build(["sofa", "lamp"])
     assert names_of(model) == {"sofa", "lamp"}, "cat was the least recently used"
     assert kept.banks["color"] is not None, "a category someone holds stays valid"
-    model.segment(scene(), names=["sofa"])  # a use
+    model.segment(scene(), categories=["sofa"])  # a use
     model.build(["grass"])
     assert names_of(model) == {"sofa", "grass"}, "lamp was older than the used sofa"
     list(model.build_iter("sofa"))  # reuse from memory is a use too
@@ -501,7 +501,7 @@ def test_segment_reloads_an_evicted_name_from_the_cache(tmp_path: Path) -> None:
     model.build(["cat"])
     assert names_of(model) == {"cat"}
     generated = gen.generated
-    seg = model.segment(scene(), names=["grass", "cat"])
+    seg = model.segment(scene(), categories=["grass", "cat"])
     assert seg.class_names == ["background", "grass", "cat"]
     assert gen.generated == generated, "reloaded from the cache, nothing generated"
     assert len(model.categories) == 1
@@ -512,7 +512,7 @@ def test_segment_on_an_evicted_name_without_cache_says_what_to_do() -> None:
     model = OVDiff(ColorGenerator(WORLD, n_images=2), [ColorExtractor()], max_categories=1)
     model.build(["cat", "sofa"])
     with pytest.raises(ValueError, match=r"\['cat'\].*dropped from memory.*max_categories"):
-        model.segment(scene(), names=["cat"])
+        model.segment(scene(), categories=["cat"])
     with pytest.raises(ValueError, match="max_categories"):
         OVDiff(None, [ColorExtractor()], max_categories=0)
 

@@ -5,12 +5,12 @@ import math
 import pytest
 from helpers import loop_miou
 
+from ovdiff_core.colorworld import ColorExtractor, ColorGenerator, ColorScorer
 from ovdiff_core.config import SegmentConfig
 from ovdiff_core.evaluation.datasets import VOCSegmentation, class_names
 from ovdiff_core.evaluation.run import evaluate
 from ovdiff_core.evaluation.synthetic import color_world, write_synthetic_voc
 from ovdiff_core.pipeline import OVDiff
-from ovdiff_core.testing import ColorExtractor, ColorGenerator, ColorScorer
 
 NAMES = class_names("voc")
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from ovdiff_core.colorworld import ColorExtractor, ColorGenerator, ColorWorld, paint_scene
 from ovdiff_core.config import PrototypeConfig, SegmentConfig
 from ovdiff_core.explain import (
     atlas,
@@ -20,7 +21,6 @@ from ovdiff_core.explain import (
 )
 from ovdiff_core.pipeline import OVDiff
 from ovdiff_core.segment import Segmentation, segment
-from ovdiff_core.testing import ColorExtractor, ColorGenerator, ColorWorld, paint_scene
 from ovdiff_core.trace import trace
 from ovdiff_core.types import Category, PrototypeKind
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ovdiff_core.colorworld import ColorExtractor, paint_scene
 from ovdiff_core.config import MASK_RULES, PrototypeConfig, SegmentConfig
 from ovdiff_core.pipeline import OVDiff, extract_features
 from ovdiff_core.prototypes import build_bank, region_coverage, region_to_grid
-from ovdiff_core.testing import ColorExtractor, paint_scene
 from ovdiff_core.types import PrototypeKind, SupportSet
 
 # --------------------------------------------------------------------------- the rule

@@ -7,8 +7,14 @@ import pytest
 from helpers import PaletteExtractor, accuracy, support_from_boxes, unit
 
 from ovdiff_core import OVDiff, PrototypeConfig, SegmentConfig, trace
+from ovdiff_core.colorworld import (
+    ColorExtractor,
+    ColorGenerator,
+    ColorScorer,
+    ColorWorld,
+    paint_scene,
+)
 from ovdiff_core.pipeline import MAX_NAME_LENGTH, clean_category_name
-from ovdiff_core.testing import ColorExtractor, ColorGenerator, ColorScorer, ColorWorld, paint_scene
 
 WORLD = ColorWorld.default()
 CFG = SegmentConfig(short_side=48, windows=False)
@@ -66,7 +72,7 @@ def test_segment_before_build_errors() -> None:
     with pytest.raises(ValueError, match="no categories are built"):
         m.segment(image)
     with pytest.raises(ValueError, match="not built"):
-        m.segment(image, names=["cat"])
+        m.segment(image, categories=["cat"])
 
 
 def test_build_returns_categories_in_order(model: OVDiff) -> None:
@@ -86,17 +92,68 @@ def test_segment_names_subset(model: OVDiff) -> None:
     )
     everything = model.segment(image)
     assert everything.class_names == ["background", "cat", "sofa", "lamp"]
-    only_cat = model.segment(image, names=["cat"])
+    only_cat = model.segment(image, categories=["cat"])
     assert only_cat.class_names == ["background", "cat"]
     assert only_cat.queried == ["cat"]
     # the sofa is not a candidate any more: its pixels are background (or cat), never sofa
     assert (only_cat.labels[index == 1] == 1).mean() > 0.8
     assert (only_cat.labels[index == 2] != 1).mean() > 0.8
     with pytest.raises(ValueError, match=r"\['tree'\] are not built"):
-        model.segment(image, names=["cat", "tree"])
+        model.segment(image, categories=["cat", "tree"])
     # a per-call config overrides the model's
     windows = model.segment(image, config=CFG.replace(windows=True, window_sizes=(32,)))
     assert len(windows.views) > 1 and len(everything.views) == 1
+
+
+def test_segment_takes_category_objects(model: OVDiff) -> None:
+    """A visitor's own categories (built by another model of the same extractors) are
+    segmented as given, mixed with registry names, and never enter the registry."""
+    image, index = paint_scene(
+        (48, 96),
+        (40, 40, 40),
+        [(WORLD.parts["cat"], (8, 8, 32, 32)), (WORLD.parts["grass"], (8, 56, 32, 32))],
+        noise=0.0,
+    )
+    other = OVDiff(ColorGenerator(WORLD, n_images=3), [ColorExtractor()], segment_config=CFG)
+    (grass,) = other.build(["grass"])
+    before = list(model.categories)
+    seg = model.segment(image, categories=["cat", grass], keep_features=True)
+    assert seg.class_names == ["background", "cat", "grass"]
+    assert seg.categories[0] is model.categories["cat"] and seg.categories[1] is grass
+    assert (seg.labels[index == 2] == 2).mean() > 0.8
+    assert (seg.labels[index == 1] == 1).mean() > 0.8
+    assert seg.features is not None  # keep_features reaches segment()
+    assert model.segment(image, categories=["cat"]).features is None
+    assert list(model.categories) == before  # "grass" was not registered
+    # Category objects alone need no registry at all
+    empty = OVDiff(None, [ColorExtractor()], segment_config=CFG)
+    alone = empty.segment(image, categories=[model.categories["cat"], grass])
+    np.testing.assert_array_equal(alone.labels, seg.labels)
+
+
+def test_segment_category_errors(model: OVDiff) -> None:
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    cat = model.categories["cat"]
+    with pytest.raises(ValueError, match="wrap it in a list"):
+        model.segment(image, categories="cat")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="wrap it in a list"):
+        model.segment(image, categories=cat)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="names \\(str\\) or Category objects, got int"):
+        model.segment(image, categories=["cat", 3])  # type: ignore[list-item]
+    other = OVDiff(ColorGenerator(WORLD, n_images=2), [ColorExtractor()])
+    (cat2,) = other.build(["cat"])
+    with pytest.raises(ValueError, match="two different categories are named 'cat'"):
+        model.segment(image, categories=[cat, cat2])
+    # the same object twice, or a name and its own registry object, count once
+    assert model.segment(image, categories=[cat, cat, "sofa", "sofa"]).class_names == [
+        "background",
+        "cat",
+        "sofa",
+    ]
+    wrong = OVDiff(ColorGenerator(WORLD, n_images=2), [ColorExtractor("other")])
+    (foreign,) = wrong.build(["grass"])
+    with pytest.raises(ValueError, match="no prototype bank for extractor"):
+        model.segment(image, categories=["cat", foreign])
 
 
 def test_scorer_is_used_for_the_prefilter() -> None:

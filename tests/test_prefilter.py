@@ -8,11 +8,11 @@ from itertools import combinations
 import numpy as np
 import pytest
 
+from ovdiff_core.colorworld import ColorExtractor, ColorGenerator, ColorWorld, paint_scene
 from ovdiff_core.config import SegmentConfig
 from ovdiff_core.pipeline import OVDiff
 from ovdiff_core.prefilter import prefilter, subset_prompt
 from ovdiff_core.segment import segment
-from ovdiff_core.testing import ColorExtractor, ColorGenerator, ColorWorld, paint_scene
 
 IMAGE = np.zeros((8, 8, 3), dtype=np.uint8)
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ovdiff_core.colorworld import ColorExtractor, ColorGenerator, ColorWorld
 from ovdiff_core.config import PrototypeConfig
 from ovdiff_core.kmeans import kmeans
 from ovdiff_core.pipeline import extract_features
 from ovdiff_core.prototypes import build_bank, cell_edges, region_to_grid
-from ovdiff_core.testing import ColorExtractor, ColorGenerator, ColorWorld
 from ovdiff_core.types import PrototypeBank, PrototypeKind, SupportSet
 
 K = PrototypeKind

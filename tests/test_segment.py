@@ -18,6 +18,7 @@ from helpers import (
 )
 from scipy.ndimage import binary_erosion
 
+from ovdiff_core.colorworld import ColorExtractor, ColorGenerator, ColorWorld, paint_scene
 from ovdiff_core.config import PrototypeConfig, SegmentConfig
 from ovdiff_core.pipeline import OVDiff
 from ovdiff_core.segment import (
@@ -28,7 +29,6 @@ from ovdiff_core.segment import (
     segment,
     view_boxes,
 )
-from ovdiff_core.testing import ColorExtractor, ColorGenerator, ColorWorld, paint_scene
 from ovdiff_core.types import Category, PrototypeBank
 
 WORLD = ColorWorld.default()

@@ -124,13 +124,14 @@ def test_lazy_scores_are_the_dense_scores(monkeypatch: pytest.MonkeyPatch) -> No
     image, cats, extractors = world("coded", 60)
     monkeypatch.setattr(seg_module, "BLOCK_ELEMENTS", 5_000)  # dense() in many row bands
     seg = segment(image, cats, extractors, CFG)
-    assert "_scores" not in seg.__dict__
+    held = seg.nbytes  # counts the dense scores once they are materialised
     maps = np.stack([seg.score_map(k) for k in range(len(seg.class_names))])
     h, w = seg.size
     for x, y in ((0, 0), (w - 1, h - 1), (w // 2, h // 3), (7, 41)):
         assert np.array_equal(seg.scores_at(x, y), maps[:, y, x])
-    assert "_scores" not in seg.__dict__, "per-pixel and per-class queries stay lazy"
+    assert seg.nbytes == held, "per-pixel and per-class queries stay lazy"
     assert np.array_equal(seg.scores, maps)
+    assert seg.nbytes == held + maps.nbytes
     objects = seg.object_labels()
     assert np.array_equal(objects, seg.scores[1:].argmax(0) + 1)
     with pytest.raises(ValueError, match="not a label"):

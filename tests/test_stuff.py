@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from ovdiff_core.colorworld import ColorExtractor, ColorGenerator, ColorWorld
 from ovdiff_core.config import SegmentConfig
 from ovdiff_core.pipeline import OVDiff
 from ovdiff_core.segment import segment
 from ovdiff_core.stuff import COCO_OBJECT, PASCAL_CONTEXT, STUFF, VOC, is_stuff
-from ovdiff_core.testing import ColorExtractor, ColorGenerator, ColorWorld
 from ovdiff_core.types import Category, PrototypeBank, PrototypeKind
 
 D = 6

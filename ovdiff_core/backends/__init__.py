@@ -8,6 +8,7 @@ Typical use::
     from ovdiff_core.backends import build_ovdiff
     model = build_ovdiff("cpu")            # real weights (hub cache or download)
     model = build_ovdiff("cpu", backend="tiny")   # same object graph, tiny random models
+    model = build_ovdiff("cpu", backend="color")  # the colour world: no networks at all
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
         load_sd_pipeline,
         resolve_model,
     )
-    from ovdiff_core.backends.presets import PRESETS, Preset, build_ovdiff
+    from ovdiff_core.backends.presets import BACKENDS, PRESETS, Preset, build_ovdiff
     from ovdiff_core.backends.proposer import FeatureClusterProposer, ThresholdProposer
     from ovdiff_core.backends.scorer import ClipScorer
     from ovdiff_core.backends.tiny_sd import tiny_sd_pipeline
@@ -51,6 +52,7 @@ _EXPORTS = {
     "default_model_id": "loading",
     "load_sd_pipeline": "loading",
     "resolve_model": "loading",
+    "BACKENDS": "presets",
     "PRESETS": "presets",
     "Preset": "presets",
     "build_ovdiff": "presets",
@@ -64,6 +66,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "BACKENDS",
     "GENERATION_CPU",
     "GENERATION_PAPER",
     "PRESETS",

@@ -30,7 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from ovdiff_core.backends.attention import AttributionRecorder, capture_cross_attention
-from ovdiff_core.backends.generator import NAME_REMAPS, remap_name
+from ovdiff_core.backends.generator import (
+    NAME_REMAPS,
+    GenerationConfig,
+    SDSupportGenerator,
+    remap_name,
+)
 from ovdiff_core.backends.proposer import SegmentProposer, ThresholdProposer, make_proposer
 from ovdiff_core.backends.tokens import locate_name_tokens
 from ovdiff_core.masks import MaskConfig, erode, select_masks_batch
@@ -77,6 +82,24 @@ class InContextConfig:
 
     def prompt_name(self, category: str) -> str:
         return remap_name(category, self.name_remaps)
+
+    @classmethod
+    def from_generation(cls, config: GenerationConfig) -> InContextConfig:
+        """The in-context settings that match a generator's: same model, decoder (as the
+        encoder), prompt, resolution, attention grid, name remaps, mask rules and proposer
+        input size; the in-context fields of its own (timestep, noise seed, batch) keep
+        their defaults."""
+        return cls(
+            model_id=config.model_id,
+            revision=config.revision,
+            encoder_id=config.decoder_id,
+            prompt=config.prompt,
+            resolution=config.resolution,
+            map_size=config.map_size,
+            name_remaps=config.name_remaps,
+            masks=config.masks,
+            proposer_input_size=config.proposer_input_size,
+        )
 
     def replace(self, **changes: Any) -> InContextConfig:
         return replace(self, **changes)
@@ -190,6 +213,21 @@ class InContextSupport:
             encoder = load_taesd(config.encoder_id, dev, dt)
         name = config.model_id + (f"@{config.revision}" if config.revision else "")
         return cls(pipe, config, proposer, model_name=name, encoder=encoder)
+
+    @classmethod
+    def from_generator(cls, generator: SDSupportGenerator) -> InContextSupport:
+        """Support from photos sharing ``generator``'s pipeline (its decoder, if any,
+        encodes), proposer and settings (:meth:`InContextConfig.from_generation`): the
+        photos of a category are read as the generator's images of it are."""
+        config = InContextConfig.from_generation(generator.config)
+        encoder = generator.pipe.vae if config.encoder_id is not None else None
+        return cls(
+            generator.pipe,
+            config,
+            generator.proposer,
+            model_name=generator.model_name,
+            encoder=encoder,
+        )
 
     @property
     def device(self) -> torch.device:

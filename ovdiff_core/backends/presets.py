@@ -1,13 +1,19 @@
-"""Named end-to-end configurations and the factory that builds an :class:`OVDiff` from one.
+"""Named end-to-end configurations and the one factory that builds an :class:`OVDiff`.
 
 A :class:`Preset` says which generator settings, feature extractors (with model ids),
 pre-filter model, prototype and segmentation settings to use. :func:`build_ovdiff` turns a
-preset into a ready :class:`ovdiff_core.pipeline.OVDiff`, with either the real models
-(``backend="real"``: Hugging Face cache or download, see
-:mod:`ovdiff_core.backends.loading`) or tiny random models of the same classes
-(``backend="tiny"``: offline, seconds on a CPU; for tests, CI and trying the app without
-weights). Both backends build the same object graph: an ``SDSupportGenerator`` over a
-``StableDiffusionPipeline``, the preset's ``FeatureExtractor`` classes, a ``ClipScorer``.
+preset into a ready :class:`ovdiff_core.pipeline.OVDiff` with one of the :data:`BACKENDS`:
+
+* ``"real"``: the preset's models (Hugging Face cache or download, see
+  :mod:`ovdiff_core.backends.loading`);
+* ``"tiny"``: tiny random models of the same classes (offline, seconds on a CPU; for
+  tests, CI and trying the app without weights). "real" and "tiny" build the same object
+  graph: an ``SDSupportGenerator`` over a ``StableDiffusionPipeline``, the preset's
+  ``FeatureExtractor`` classes, a ``ClipScorer``;
+* ``"color"``: the colour world of :mod:`ovdiff_core.colorworld` (no networks at all;
+  categories are colours, so segmentations are meaningful and exact): two colour
+  extractors (strides 8 and 16) and a CLIP stand-in, segmenting with
+  :data:`COLOR_SEGMENT` of the preset.
 
 Presets:
 
@@ -48,6 +54,8 @@ if TYPE_CHECKING:
     from ovdiff_core.protocols import FeatureExtractor
 
 __all__ = [
+    "BACKENDS",
+    "COLOR_SEGMENT",
     "PRESETS",
     "ExtractorConfig",
     "Preset",
@@ -57,6 +65,7 @@ __all__ = [
 ]
 
 EXTRACTOR_KINDS = ("sd", "dino", "dinov2", "clip")
+BACKENDS = ("real", "tiny", "color")  # see the module docstring
 
 
 @dataclass(frozen=True)
@@ -148,6 +157,17 @@ TINY_IMAGES = 4
 TINY_BATCH = 2
 TINY_STEPS = 2
 
+# Colour backend: stage-3 settings per preset name (the colour world's images are small):
+# "cpu" segments one whole-image view at short side 160, "paper" adds sliding windows.
+COLOR_SEGMENT: dict[str, SegmentConfig] = {
+    "cpu": SegmentConfig(short_side=160, windows=False),
+    "paper": SegmentConfig(short_side=224, window_sizes=(160, 112), window_stride=80),
+}
+COLOR_IMAGES = 16  # support images per category (every background colour shows up)
+COLOR_BATCH = 2  # support images per streamed batch
+COLOR_SIDE = 96  # support image side, pixels
+COLOR_ALIGN = 16  # object boxes snap to the coarser extractor's stride
+
 
 def _preset(preset: str | Preset) -> Preset:
     if isinstance(preset, Preset):
@@ -166,14 +186,18 @@ def build_ovdiff(
     seed: int = 0,
     progress: ProgressFn | None = None,
     dtype: torch.dtype | str | None = None,
+    support_size: int | None = None,
+    names: Sequence[str] | None = None,
 ) -> OVDiff:
     """Build an :class:`~ovdiff_core.pipeline.OVDiff` from a preset.
 
     Args:
         preset: a name in :data:`PRESETS` (``"cpu"``, ``"paper"``) or a :class:`Preset`.
-        backend: ``"real"`` (the preset's models, loaded once per process; downloads
-            only when online and not cached) or ``"tiny"`` (tiny random models of the
-            same classes, CPU, offline: for tests and trying the app).
+        backend: one of :data:`BACKENDS`: ``"real"`` (the preset's models, loaded once
+            per process; downloads only when online and not cached), ``"tiny"`` (tiny
+            random models of the same classes, CPU, offline: for tests and trying the
+            app) or ``"color"`` (the colour world, no networks; the preset picks
+            :data:`COLOR_SEGMENT`, a custom :class:`Preset` its own segment_config).
         cache_dir: support-set and bank cache folder; None = ``$OVDIFF_CACHE`` or
             ``~/.cache/ovdiff``.
         device: "real" backend device; None = :func:`~ovdiff_core.backends.loading.
@@ -189,6 +213,12 @@ def build_ovdiff(
             best_dtype` of the device (float16 on CUDA, float32 elsewhere, or
             ``$OVDIFF_DTYPE``). float16 reads the SD fp16 variant files (see
             :func:`preset_models`). Features are float32 whatever the weights' dtype.
+            Ignored by "color".
+        support_size: support images per category; None = the preset's (real), at
+            most 4 (tiny), 16 (color).
+        names: "color" only: the vocabulary the colour world must tell apart (see
+            :func:`~ovdiff_core.evaluation.synthetic.color_world`); None = the default
+            world (other names get a colour from a hash of the name).
 
     Devices: every model lives on ``device``; features, prototype building (K-means)
     and scoring stay there, and only banks (cached) and segmentations are moved to the
@@ -200,7 +230,7 @@ def build_ovdiff(
     missing or broken files are downloaded.
 
     Raises:
-        ValueError: unknown preset or backend.
+        ValueError: unknown preset or backend, or ``support_size`` < 1.
         ModelNotAvailableError: "real" weights neither on disk nor downloadable
             (:class:`~ovdiff_core.backends.loading.MissingModelsError`, every model
             at once).
@@ -209,16 +239,27 @@ def build_ovdiff(
     from ovdiff_core.pipeline import OVDiff
 
     p = _preset(preset)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if support_size is not None and (
+        isinstance(support_size, bool) or not isinstance(support_size, int) or support_size < 1
+    ):
+        raise ValueError(f"support_size must be a positive integer or None, got {support_size!r}")
     if isinstance(dtype, str):
         dtype = dtype_by_name(dtype)
+    if support_size is not None and backend == "real":
+        p = p.replace(generation=p.generation.replace(n_images=support_size))
     if backend == "real":
         generator, extractors, scorer = _real_components(p, device, progress, dtype)
     elif backend == "tiny":
-        generator, extractors, scorer = _tiny_components(p, device, seed, dtype)
+        generator, extractors, scorer = _tiny_components(p, device, seed, dtype, support_size)
         if progress is not None:
             progress("ready", 1.0, "Tiny test models ready")
     else:
-        raise ValueError(f"backend must be 'real' or 'tiny', got {backend!r}")
+        generator, extractors, scorer = _color_components(names, support_size)
+        p = p.replace(segment_config=COLOR_SEGMENT.get(p.name, p.segment_config))
+        if progress is not None:
+            progress("ready", 1.0, "Colour world ready")
     return OVDiff(
         generator=generator,
         extractors=extractors,
@@ -227,6 +268,27 @@ def build_ovdiff(
         segment_config=p.segment_config,
         cache=Cache(cache_dir) if use_cache else None,
     )
+
+
+def _color_components(
+    names: Sequence[str] | None, support_size: int | None
+) -> tuple[Any, list[FeatureExtractor], Any]:
+    from ovdiff_core.colorworld import ColorExtractor, ColorGenerator, ColorScorer
+    from ovdiff_core.evaluation.synthetic import color_world
+
+    world = color_world(names or ())
+    generator = ColorGenerator(
+        world,
+        n_images=support_size or COLOR_IMAGES,
+        batch_size=COLOR_BATCH,
+        size=(COLOR_SIDE, COLOR_SIDE),
+        align=COLOR_ALIGN,
+    )
+    extractors: list[FeatureExtractor] = [
+        ColorExtractor("color", stride=8),
+        ColorExtractor("color2", stride=16, seed=1),
+    ]
+    return generator, extractors, ColorScorer(world)
 
 
 def _ordered(p: Preset, built: dict[str, FeatureExtractor]) -> list[FeatureExtractor]:
@@ -450,7 +512,11 @@ def tiny_generation(config: GenerationConfig) -> GenerationConfig:
 
 
 def _tiny_components(
-    p: Preset, device: torch.device | str | None, seed: int, dtype: torch.dtype | None = None
+    p: Preset,
+    device: torch.device | str | None,
+    seed: int,
+    dtype: torch.dtype | None = None,
+    support_size: int | None = None,
 ) -> tuple[Any, list[FeatureExtractor], Any]:
     import open_clip
 
@@ -489,6 +555,8 @@ def _tiny_components(
 
     built = {cfg.name: make(cfg) for cfg in p.extractors}
     generation = tiny_generation(p.generation)
+    if support_size is not None:
+        generation = generation.replace(n_images=support_size)
     proposer = make_proposer(
         generation.masks, _proposer_extractor(p, built, make), generation.proposer_input_size
     )
@@ -498,8 +566,3 @@ def _tiny_components(
         tokenizer = open_clip.get_tokenizer("ViT-B-16")  # CLIP's BPE, bundled
         scorer = ClipScorer(clip, tokenizer, model_id=f"{tag}:clip")
     return generator, _ordered(p, built), scorer
-
-
-def preset_names() -> Sequence[str]:
-    """Names of the built-in presets, in definition order."""
-    return list(PRESETS)

@@ -20,7 +20,9 @@ __all__ = ["EvalResult", "Segmenter", "evaluate", "labels_for"]
 class Segmenter(Protocol):
     """Anything with :meth:`ovdiff_core.OVDiff.segment`'s signature."""
 
-    def segment(self, image: np.ndarray, names: Sequence[str] | None = None) -> Segmentation: ...
+    def segment(
+        self, image: np.ndarray, categories: Sequence[str] | None = None
+    ) -> Segmentation: ...
 
 
 def labels_for(
@@ -107,7 +109,7 @@ def evaluate(
     matrix = ConfusionMatrix(class_names)
     start = time.perf_counter()
     for sample in samples:
-        seg = model.segment(sample.image, names=list(names))
+        seg = model.segment(sample.image, list(names))
         pred = labels_for(seg, class_names, background, refine, sample.image)
         matrix.update(pred, sample.label)
         if on_image is not None:

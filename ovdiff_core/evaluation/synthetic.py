@@ -2,7 +2,7 @@
 
 :func:`write_synthetic_voc` writes a Pascal VOC 2012 folder (JPEG photos, palette PNG
 annotations with VOC's colours and 255 object borders, ``ImageSets/Segmentation`` lists)
-whose scenes are painted with :func:`ovdiff_core.testing.paint_scene`: each object is a
+whose scenes are painted with :func:`ovdiff_core.colorworld.paint_scene`: each object is a
 box of its class's colour-world colour, aligned to a grid, on a background colour of the
 world. A model whose categories come from the same world (:func:`color_world`) can
 segment these scenes exactly, so the expected scores are known in advance.
@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ovdiff_core.colorworld import ColorGenerator, ColorWorld, paint_scene
 from ovdiff_core.evaluation.datasets import class_names, voc_palette
 from ovdiff_core.stuff import COCO_OBJECT, PASCAL_CONTEXT
-from ovdiff_core.testing import ColorGenerator, ColorWorld, paint_scene
 
 Color = tuple[int, int, int]
 
@@ -59,7 +59,7 @@ def color_world(names: Sequence[str], spacing: float = 60.0) -> ColorWorld:
     per channel) that lie at least ``spacing`` (RGB units) from the world's backgrounds
     and colours: so every name of a vocabulary is told apart from the others and from
     the backgrounds, and scenes painted in this world have known segmentations. Names
-    beyond the 40-odd such colours get :class:`~ovdiff_core.testing.ColorGenerator`'s
+    beyond the 40-odd such colours get :class:`~ovdiff_core.colorworld.ColorGenerator`'s
     colour for unknown names (a hash of the name; possibly close to another).
     A name's colour therefore depends on its vocabulary (cache keys include it).
     """

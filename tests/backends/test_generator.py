@@ -16,9 +16,9 @@ from ovdiff_core.backends.generator import (
 )
 from ovdiff_core.backends.proposer import FeatureClusterProposer
 from ovdiff_core.backends.tiny_sd import tiny_sd_pipeline
+from ovdiff_core.colorworld import ColorExtractor
 from ovdiff_core.masks import MaskConfig
 from ovdiff_core.protocols import SupportGenerator
-from ovdiff_core.testing import ColorExtractor
 from ovdiff_core.types import SupportSet, stable_hash
 
 TINY = GenerationConfig(

@@ -10,8 +10,8 @@ from ovdiff_core.backends.attention import AttributionRecorder, capture_cross_at
 from ovdiff_core.backends.incontext import InContextConfig, InContextSupport
 from ovdiff_core.backends.proposer import FeatureClusterProposer
 from ovdiff_core.backends.tiny_sd import tiny_sd_pipeline
+from ovdiff_core.colorworld import ColorExtractor, paint_scene
 from ovdiff_core.masks import MaskConfig, erode
-from ovdiff_core.testing import ColorExtractor, paint_scene
 from ovdiff_core.types import stable_hash
 
 CFG = InContextConfig(resolution=64, batch_size=2, masks=MaskConfig(proposer="threshold"))

@@ -11,8 +11,8 @@ from ovdiff_core.backends.proposer import (
     connected_components,
     make_proposer,
 )
+from ovdiff_core.colorworld import ColorExtractor, paint_scene
 from ovdiff_core.masks import MaskConfig, erode, select_masks, select_masks_batch
-from ovdiff_core.testing import ColorExtractor, paint_scene
 
 
 def _box(h: int, w: int, top: int, left: int, bh: int, bw: int) -> np.ndarray:

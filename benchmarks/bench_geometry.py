@@ -18,11 +18,7 @@ import time
 import numpy as np
 
 from ovdiff_core import OVDiff, PrototypeConfig, SegmentConfig, trace
-
-try:
-    from ovdiff_core.colorworld import ColorExtractor, ColorGenerator, ColorWorld, paint_scene
-except ImportError:  # checkouts before the rename
-    from ovdiff_core.testing import ColorExtractor, ColorGenerator, ColorWorld, paint_scene
+from ovdiff_core.colorworld import ColorExtractor, ColorGenerator, ColorWorld, paint_scene
 
 
 def timed(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]

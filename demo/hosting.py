@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ovdiff_core.backends.presets import PRESETS as BUILT_PRESETS
+
 __all__ = [
     "GPU_MAX_SECONDS",
     "HostingConfig",
@@ -47,7 +49,7 @@ __all__ = [
     "segment_seconds",
 ]
 
-PRESETS = ("cpu", "paper")
+PRESETS = tuple(BUILT_PRESETS)  # names offered by default
 GPU_MAX_SECONDS = 120  # default cap of one ZeroGPU call, seconds
 # Measured-on-paper estimates for one A100/H100-class GPU in fp16 (see README, "Spaces"):
 SECONDS_PER_IMAGE_STEP = 0.05  # one 512 px UNet step of one image, guidance included

@@ -18,6 +18,7 @@ import plotly.graph_objects as go
 from matplotlib import colormaps
 from PIL import Image
 
+from ovdiff_core.geometry import cell_edges
 from ovdiff_core.types import Category, PrototypeBank, PrototypeKind, SupportSet
 
 if TYPE_CHECKING:
@@ -343,8 +344,7 @@ def part_clusters(
         img = _resize(img, (h, w))
     painted = np.zeros((h, w, 3), dtype=np.uint8)
     alpha = np.zeros((h, w), dtype=np.float32)
-    row_edges = (np.arange(gh + 1) * h) // gh
-    col_edges = (np.arange(gw + 1) * w) // gw
+    row_edges, col_edges = cell_edges(h, gh), cell_edges(w, gw)
     present = 0
     kinds = bank.kinds.numpy()
     fg = bank.foreground.numpy()

@@ -32,7 +32,7 @@ from demo.state import (
     warn_all,
 )
 from ovdiff_core.explain import support_regions, top_prototypes
-from ovdiff_core.segment import Segmentation, segment
+from ovdiff_core.segment import Segmentation
 from ovdiff_core.trace import PixelTrace, trace
 
 if TYPE_CHECKING:
@@ -189,14 +189,7 @@ class SegmentTab:
         model = self.app.model(session.preset, session.support_size)
         cats = list(session.categories.values())
         try:
-            seg = segment(
-                loaded.image,
-                cats,
-                model.extractors,
-                model.segment_config,
-                model.scorer,
-                keep_features=True,
-            )
+            seg = model.segment(loaded.image, cats, keep_features=True)
         except ValueError as err:
             raise gr.Error(render.esc(f"Segmentation failed: {err}")) from None
         stuff = {c.name: c.stuff for c in cats}

@@ -38,7 +38,6 @@ from ovdiff_core.trace import (
     SupportRegion,
     _check_point,
     _index,
-    _member_masks,
     decompose,
 )
 from ovdiff_core.types import Category, PrototypeBank, PrototypeKind
@@ -149,7 +148,7 @@ def support_regions(seg: Segmentation, prototype: PrototypeRef) -> list[SupportR
     images = cat.support.images if cat.support is not None else None
     return [
         SupportRegion(image_index=i, mask=m, image=images[i] if images is not None else None)
-        for i, m in _member_masks(bank, prototype.index).items()
+        for i, m in bank.member_masks(prototype.index).items()
     ]
 
 

@@ -20,7 +20,7 @@ import torch
 
 from ovdiff_core.geometry import AxisTaps, GridTaps, bilinear_taps, pixel_centres
 from ovdiff_core.segment import Segmentation
-from ovdiff_core.types import PrototypeBank, PrototypeKind
+from ovdiff_core.types import PrototypeKind
 
 __all__ = ["Contribution", "PixelTrace", "PrototypeRef", "SupportRegion", "decompose", "trace"]
 
@@ -278,11 +278,6 @@ def _similarity_map(seg: Segmentation, ref: PrototypeRef, q: int) -> np.ndarray:
     """
     sims = seg.whole_view_sims[ref.extractor][q].to(torch.float32).numpy()  # (gh, gw)
     return _index(seg).whole_view_taps((int(sims.shape[0]), int(sims.shape[1]))).apply(sims)
-
-
-def _member_masks(bank: PrototypeBank, p: int) -> dict[int, np.ndarray]:
-    """:meth:`PrototypeBank.member_masks` (explain.py still imports this name)."""
-    return bank.member_masks(p)
 
 
 def trace(seg: Segmentation, x: int, y: int) -> PixelTrace:

@@ -15,7 +15,7 @@ import ovdiff_core.cache as cache_mod
 from demo.app import DemoApp, Session
 from demo.models import backend_info, make_model_factory
 from demo.state import TileStore
-from ovdiff_core.testing import paint_scene
+from ovdiff_core.colorworld import paint_scene
 
 
 def app_on(cache: Path) -> DemoApp:

@@ -19,7 +19,7 @@ from PIL import Image
 from demo.app import DemoApp, Session, build_demo
 from demo.models import ModelPool, backend_info, make_model_factory
 from demo.state import SIMILARITY_SIDE
-from ovdiff_core.testing import ColorWorld, paint_scene
+from ovdiff_core.colorworld import ColorWorld, paint_scene
 from ovdiff_core.trace import trace
 
 ROOT = Path(__file__).resolve().parent.parent

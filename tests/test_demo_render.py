@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from demo import render
+from ovdiff_core.colorworld import ColorExtractor, ColorGenerator, ColorWorld
 from ovdiff_core.config import PrototypeConfig
 from ovdiff_core.pipeline import extract_features
 from ovdiff_core.prefilter import PrefilterResult
 from ovdiff_core.prototypes import build_bank
-from ovdiff_core.testing import ColorExtractor, ColorGenerator, ColorWorld
 from ovdiff_core.types import Category, PrototypeKind
 
 

@@ -49,7 +49,8 @@ __all__ = [
     "segment_seconds",
 ]
 
-PRESETS = tuple(BUILT_PRESETS)  # names offered by default
+# names offered by default, the cpu preset first (what a visitor gets unless they choose)
+PRESETS = tuple(sorted(BUILT_PRESETS, key=lambda name: name != "cpu"))
 GPU_MAX_SECONDS = 120  # default cap of one ZeroGPU call, seconds
 # Measured-on-paper estimates for one A100/H100-class GPU in fp16 (see README, "Spaces"):
 SECONDS_PER_IMAGE_STEP = 0.05  # one 512 px UNet step of one image, guidance included

@@ -66,6 +66,10 @@ BLOCK_OVERHEAD = 50_000
 # A channel is kept in a tile unless its upper bound is this far below the best lower
 # bound; larger than the float32 rounding of a score (about 1e-6).
 PRUNE_MARGIN = 1e-5
+# Whole-view cosines of every prototype (float16) kept while segmenting, so that the
+# similarity maps need no second product; beyond this many bytes they are recomputed
+# for the prototypes that need them.
+WHOLE_SIMS_BYTES = 64 << 20
 # Most target features (MB, float32, all passes together) that ``segment(...,
 # keep_features=True)`` keeps for what-if edits; ``OVDIFF_WHATIF_MAX_MB`` overrides it.
 # The cpu preset (320 px, one view, CLIP 768 x 20 x 27 + DINOv2-S 384 x 23 x 30) needs
@@ -781,7 +785,11 @@ def inverse_norms(f: torch.Tensor) -> torch.Tensor:
 
 
 def score_cells(
-    feats: torch.Tensor, packed: _Packed, floor: float, inv_norm: torch.Tensor | None = None
+    feats: torch.Tensor,
+    packed: _Packed,
+    floor: float,
+    inv_norm: torch.Tensor | None = None,
+    sims_out: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel best prototype cosine at every cell of one view.
 
@@ -792,6 +800,8 @@ def score_cells(
     Args:
         feats: (D, h, w) features of the view, on any device.
         inv_norm: their :func:`inverse_norms` ((h * w,)), when already computed.
+        sims_out: if given, every prototype's cosines are appended to it as float16
+            (rows, h * w) chunks in scoring-set order (the products are made anyway).
 
     Returns:
         values (C + 1, h, w) float32 (floored) and winners (C + 1, h, w) int16 (int32 for
@@ -816,6 +826,8 @@ def score_cells(
         if hi == lo:
             continue
         products = torch.mm(vectors[lo:hi], f)  # (rows, cells)
+        if sims_out is not None:
+            sims_out.append((products * inv_norm).to(torch.float16))
         if piece:  # part of one large channel: merge with what earlier pieces found
             v, a = products.max(0)
             better = v > values[c0]
@@ -832,11 +844,18 @@ def score_cells(
 
 
 def _whole_view_maps(
-    feats: torch.Tensor, packed: _Packed, wanted: torch.Tensor, inv_norm: torch.Tensor | None = None
+    feats: torch.Tensor,
+    packed: _Packed,
+    wanted: torch.Tensor,
+    inv_norm: torch.Tensor | None = None,
+    sims: torch.Tensor | None = None,
 ) -> SimilarityMaps:
     """:class:`SimilarityMaps` of prototypes ``wanted`` ((K,) int64, sorted) over the whole
-    view's features ``feats`` ((D, h, w)), computed as :func:`score_cells` does."""
+    view's features ``feats`` ((D, h, w)), computed as :func:`score_cells` does, or picked
+    from ``sims`` ((Q, h * w) float16, every prototype's, when :func:`segment` kept them)."""
     d, h, w = feats.shape
+    if sims is not None:
+        return SimilarityMaps(wanted.cpu(), sims[wanted.to(sims.device)].cpu().reshape(-1, h, w))
     f = feats.reshape(d, h * w).to(torch.float32)
     if inv_norm is None:
         inv_norm = inverse_norms(f)
@@ -955,6 +974,7 @@ def segment(
     packs: dict[str, _Packed] = {}
     whole_feats: dict[str, torch.Tensor] = {}
     whole_norms: dict[str, torch.Tensor] = {}
+    whole_sims: dict[str, torch.Tensor] = {}
     kept_feats: list[torch.Tensor] | None = [] if keep_features else None
     budget = whatif_budget_bytes() if keep_features else 0
     kept_bytes = 0
@@ -975,12 +995,18 @@ def segment(
                         f"hold {packed.dim}-d prototypes; rebuild the banks"
                     )
                 inv_norm = inverse_norms(feats[0].reshape(packed.dim, -1).to(torch.float32))
-                values, winners = score_cells(feats[0], packed, config.score_floor, inv_norm)
+                cells = int(feats.shape[2] * feats.shape[3])
+                sims: list[torch.Tensor] | None = None
+                if vi == 0 and len(packed.vectors) * cells * 2 <= WHOLE_SIMS_BYTES:
+                    sims = []  # keep the whole view's cosines: no second product later
+                values, winners = score_cells(feats[0], packed, config.score_floor, inv_norm, sims)
                 grids.append(values)
                 views.append(ViewRecord(ex.name, (top, left, vh, vw), values.cpu(), winners.cpu()))
                 if vi == 0:
                     whole_feats[ex.name] = feats[0]
                     whole_norms[ex.name] = inv_norm
+                    if sims:
+                        whole_sims[ex.name] = torch.cat(sims)
                 if kept_feats is not None:
                     kept_bytes += feats[0].numel() * 4
                     if kept_bytes > budget:
@@ -988,7 +1014,15 @@ def segment(
                     else:
                         kept_feats.append(feats[0].to("cpu", torch.float32, copy=True))
         labels, whole = _label_and_explain(
-            views, grids, whole_feats, packs, (h, w), (hp, wp), len(kept) + 1, whole_norms
+            views,
+            grids,
+            whole_feats,
+            packs,
+            (h, w),
+            (hp, wp),
+            len(kept) + 1,
+            whole_norms,
+            whole_sims,
         )
     return Segmentation(
         image=image,
@@ -1015,17 +1049,23 @@ def _label_and_explain(
     processed: tuple[int, int],
     n_channels: int,
     whole_norms: Mapping[str, torch.Tensor] | None = None,
+    whole_sims: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[np.ndarray, dict[str, SimilarityMaps]]:
     """The end of stage 3, shared by :func:`segment` and :func:`rescore`: the (H, W)
     labels of the passes' records and the whole-view similarity maps of the prototypes
     that explain them (``grids``: the records' values on the scoring device, or None;
-    ``whole_norms``: the whole views' :func:`inverse_norms`, when already computed)."""
+    ``whole_norms``: the whole views' :func:`inverse_norms`, when already computed;
+    ``whole_sims``: their (Q, cells) float16 cosines, when kept)."""
     scores = _ScoreField(views, size, processed, grids)
     labels = scores.argmax(list(range(n_channels)))
     explained = _explaining_prototypes(scores, views, labels)
     whole = {
         name: _whole_view_maps(
-            whole_feats[name], packs[name], explained[name], (whole_norms or {}).get(name)
+            whole_feats[name],
+            packs[name],
+            explained[name],
+            (whole_norms or {}).get(name),
+            (whole_sims or {}).get(name),
         )
         for name in packs
     }

@@ -214,3 +214,15 @@ def test_torch_blending_equals_numpy_blending(monkeypatch: pytest.MonkeyPatch) -
     block = with_torch.block([0, 3, 7], 5, 31, 2, 60)
     assert isinstance(block, torch.Tensor)
     np.testing.assert_allclose(block.numpy(), with_numpy.block([0, 3, 7], 5, 31, 2, 60), atol=1e-6)
+
+
+def test_similarity_maps_kept_or_recomputed_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whole-view cosines kept from the scoring products equal a second product."""
+    image, cats, extractors = world("coded", 30)
+    kept = segment(image, cats, extractors, CFG)
+    monkeypatch.setattr(seg_module, "WHOLE_SIMS_BYTES", 0)  # recompute for the needed ones
+    again = segment(image, cats, extractors, CFG)
+    for name, maps in kept.whole_view_sims.items():
+        other = again.whole_view_sims[name]
+        assert torch.equal(maps.index, other.index) and len(maps) > 0
+        np.testing.assert_allclose(maps.maps.float().numpy(), other.maps.float().numpy(), atol=2e-3)

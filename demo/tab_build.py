@@ -373,4 +373,5 @@ def wire(ui: UI, tab: CategoriesTab) -> None:
         ui.outputs(BuildResult),
         concurrency_limit=16,
         concurrency_id="build",
+        api_name="build",  # a stable name for API clients (benchmarks/soak.py)
     ).then(lambda: gr.update(interactive=True), None, ui.build_btn, queue=False)

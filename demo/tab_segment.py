@@ -431,6 +431,7 @@ def wire(ui: UI, tab: SegmentTab) -> None:
         ui.outputs(SegmentResult),
         concurrency_limit=2,
         concurrency_id="segment",
+        api_name="segment",  # a stable name for API clients (benchmarks/soak.py)
     )
     ui.maps_btn.click(tab.score_maps, ui.seg_state, ui.maps_gallery)
 

@@ -351,7 +351,7 @@ class AtlasCard:
             masks via :func:`support_regions`.
         fires: (gh, gw) float32 cosine of the prototype at every cell of the whole-image
             view of its extractor (:func:`fire_map` resamples it to (H, W)); from the kept
-            features when ``seg`` has them, else from ``seg.whole_view_sims`` (float16
+            features when ``seg`` has them, else from ``seg.whole_view_sims`` (float16 or 8-bit
             maps of the prototypes some pixel's trace can name), else None.
         peak: the largest value of ``fires`` (None with it).
         pixels_won: input pixels it wins: pixels labelled with its channel whose nearest
@@ -388,8 +388,11 @@ def pixels_won(seg: Segmentation, extractor: str) -> np.ndarray:
     h, w = seg.size
     rows = np.minimum((pixel_centres(h, hp) * (gh / hp)).astype(np.int64), gh - 1)
     cols = np.minimum((pixel_centres(w, wp) * (gw / wp)).astype(np.int64), gw - 1)
-    winners = v.winners.numpy()
-    q = winners[seg.labels.astype(np.int64), rows[:, None], cols[None, :]].astype(np.int64)
+    q = np.full(seg.size, -1, dtype=np.int64)
+    for label in np.unique(seg.labels).tolist():  # per label: one channel's winners
+        at = seg.labels == label
+        ys, xs = np.nonzero(at)
+        q[at] = v.channel_winners(int(label)).numpy()[rows[ys], cols[xs]]
     n_q = len(seg.scoring[extractor].channel)
     return np.bincount(q[q >= 0], minlength=n_q)
 

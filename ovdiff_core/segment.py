@@ -26,7 +26,13 @@ upper bound is below another channel's lower bound cannot win anywhere in the ti
 skipped. Score maps, the scores at one pixel and similarity maps are computed from the
 records on request (:meth:`Segmentation.score_map`, :meth:`Segmentation.scores_at`), with
 the same float32 operations in the same order, so they are bit-for-bit the numbers the
-labels were taken from.
+labels were taken from. Passes of extractors with equal strides share their taps, so their
+grids are summed and blended once.
+
+Large vocabularies. Beyond ``COMPACT_ABOVE_BYTES`` of records (about 40 classes with the
+paper's extractors and windows) a segmentation keeps its records compact: values as
+16-bit codes per channel (within 9.6e-6), winners as 8-bit offsets within their channel,
+similarity maps as 8-bit codes. The labels are taken from the exact values first.
 """
 
 from __future__ import annotations
@@ -59,13 +65,26 @@ MAX_ASPECT = 10
 # (channels x pixels), and one chunk of prototype-by-cell cosines while scoring a view.
 BLOCK_ELEMENTS = 4 << 20
 SIMS_ELEMENTS = 16 << 20
+# Cells of channels-last features scored at a time (512 x 7680 float32 = 15 MB: their
+# norms and products are taken while they are in the cache).
+CELL_CHUNK = 512
 # Tiles (input pixels a side) on which channels that cannot win are pruned, and the
 # fixed cost of blending one more block, in channel-pixels (a few dozen small calls).
 TILE = 32
-BLOCK_OVERHEAD = 50_000
+BLOCK_OVERHEAD = 20_000
 # A channel is kept in a tile unless its upper bound is this far below the best lower
 # bound; larger than the float32 rounding of a score (about 1e-6).
 PRUNE_MARGIN = 1e-5
+# Beyond this many bytes of float32 per-cell values (all passes together), a segmentation
+# keeps them as 16-bit codes, its winners as 8-bit offsets and its similarity maps as
+# 8-bit codes (see ViewRecord, SimilarityMaps): 150 classes at 1024 px take 43 MB of
+# values and winners exactly and 22 MB compact. Labels are taken before, from the exact
+# values.
+COMPACT_ABOVE_BYTES = 8 << 20
+# A pass is kept compact only when every channel's values span at most this (with the
+# default score floor of 0 they lie in [0, 1]): a code's error is then at most
+# span / 131,070 <= 9.6e-6.
+COMPACT_MAX_SPAN = 1.25
 # Whole-view cosines of every prototype (float16) kept while segmenting, so that the
 # similarity maps need no second product; beyond this many bytes they are recomputed
 # for the prototypes that need them.
@@ -97,26 +116,128 @@ def whatif_budget_bytes() -> int:
 
 @dataclass
 class ViewRecord:
-    """One (view, extractor) pass.
+    """One (view, extractor) pass: per label channel and feature cell, the best prototype
+    cosine and the prototype that attained it.
+
+    Two storage forms, read the same way (:meth:`channel_values`,
+    :meth:`channel_winners`, :attr:`values`, :attr:`winners`):
+
+    * exact: ``data`` (C + 1, h, w) float32 values; ``picks`` (C + 1, h, w) int16 (int32
+      when the scoring set has 32,767 or more prototypes) scoring-set indices (-1 where
+      the channel has none).
+    * compact (:func:`segment` chooses it beyond ``COMPACT_ABOVE_BYTES`` of values):
+      ``data`` holds 16-bit codes (int16, offset by 32,768) and a value is
+      ``(code + 32768) * step[c] + low[c]`` in float32, within ``step[c] / 2`` (at most
+      9.6e-6) of the exact one; foreground ``picks`` may be uint8 offsets from
+      ``starts[c]`` (255 = none), the background channel's in ``bg_picks``.
 
     Attributes:
         extractor: extractor name.
         box: (top, left, height, width) of the view in processed-image pixels.
-        values: (C + 1, h, w) float32; per label channel and feature cell the best
-            prototype cosine after the score floor (channel 0 = background).
-        winners: (C + 1, h, w) int16 (int32 when the scoring set has 32,767 or more
-            prototypes); index into the extractor's :class:`ScoringSet` of the prototype
-            that attained ``values`` (-1 where the channel has none).
     """
 
     extractor: str
     box: tuple[int, int, int, int]
-    values: torch.Tensor
-    winners: torch.Tensor
+    data: torch.Tensor
+    picks: torch.Tensor
+    low: torch.Tensor | None = None  # (C + 1,) float32, with ``step``: 16-bit codes
+    step: torch.Tensor | None = None
+    starts: torch.Tensor | None = None  # (C + 1,) int64: ``picks`` are uint8 offsets
+    bg_picks: torch.Tensor | None = None  # (h, w) scoring-set indices of channel 0
+
+    @staticmethod
+    def store(
+        extractor: str,
+        box: tuple[int, int, int, int],
+        values: torch.Tensor,
+        winners: torch.Tensor,
+        offsets: Sequence[int],
+        compact: bool,
+    ) -> ViewRecord:
+        """The record of exact ``values`` and ``winners`` ((C + 1, h, w), on any device),
+        on the CPU; compact when asked and possible (every channel's values span at
+        most ``COMPACT_MAX_SPAN``; uint8 winners when every foreground channel has at
+        most 255 prototypes). ``offsets``: the scoring set's channel offsets."""
+        values, winners = values.cpu(), winners.cpu()
+        if not compact:
+            return ViewRecord(extractor, box, values, winners)
+        n_ch = values.shape[0]
+        flat = values.reshape(n_ch, -1)
+        low = flat.amin(1).clamp(max=0.0) if flat.shape[1] else torch.zeros(n_ch)
+        high = torch.maximum(flat.amax(1), low) if flat.shape[1] else low
+        if bool(((high - low) > COMPACT_MAX_SPAN).any()):
+            return ViewRecord(extractor, box, values, winners)
+        step = (high - low) / 65535.0
+        safe = torch.where(step > 0, step, torch.ones(()))
+        q = ((values - low[:, None, None]) / safe[:, None, None]).round_().clamp_(0, 65535)
+        data = (q - 32768.0).to(torch.int16)
+        starts = torch.tensor(offsets[:-1], dtype=torch.long)
+        counts = torch.tensor(offsets[1:], dtype=torch.long) - starts
+        if n_ch < 2 or int(counts[1:].max()) > 255:
+            return ViewRecord(extractor, box, data, winners, low, step)
+        local = winners[1:].long() - starts[1:, None, None]
+        local = torch.where(winners[1:] >= 0, local, torch.full((), 255))
+        return ViewRecord(
+            extractor, box, data, local.to(torch.uint8), low, step, starts, winners[0].clone()
+        )
 
     @property
     def grid_size(self) -> tuple[int, int]:
-        return int(self.values.shape[1]), int(self.values.shape[2])
+        return int(self.data.shape[1]), int(self.data.shape[2])
+
+    @property
+    def compact(self) -> bool:
+        return self.low is not None
+
+    def channel_values(self, channel: int) -> torch.Tensor:
+        """(h, w) float32 values of one channel."""
+        if self.low is None or self.step is None:
+            return self.data[channel]
+        return decode_values(self.data[channel], self.low[channel], self.step[channel])
+
+    def channel_winners(self, channel: int) -> torch.Tensor:
+        """(h, w) int64 scoring-set indices of one channel's winners (-1: none)."""
+        if self.starts is None or self.bg_picks is None:
+            return self.picks[channel].long()
+        if channel == 0:
+            return self.bg_picks.long()
+        local = self.picks[channel - 1].long()
+        return torch.where(local < 255, local + self.starts[channel], torch.full((), -1))
+
+    @property
+    def values(self) -> torch.Tensor:
+        """(C + 1, h, w) float32 values (decoded into a new tensor when compact)."""
+        if self.low is None or self.step is None:
+            return self.data
+        return decode_values(self.data, self.low[:, None, None], self.step[:, None, None])
+
+    @property
+    def winners(self) -> torch.Tensor:
+        """(C + 1, h, w) scoring-set indices, int16 (int32 from 32,767 prototypes on;
+        decoded into a new tensor when compact)."""
+        if self.starts is None or self.bg_picks is None:
+            return self.picks
+        rows = [self.channel_winners(c) for c in range(int(self.starts.shape[0]))]
+        return torch.stack(rows).to(self.bg_picks.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        parts = (self.data, self.picks, self.low, self.step, self.starts, self.bg_picks)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+
+def decode_values(codes: Any, low: Any, step: Any) -> Any:
+    """Float32 values of 16-bit codes (int16 offset by 32,768; numpy or torch, ``low`` and
+    ``step`` broadcastable): ``(code + 32768) * step + low``, the same float32 operations
+    wherever it runs."""
+    if isinstance(codes, np.ndarray):
+        out = codes.astype(np.float32)
+        out += 32768.0
+        out *= step
+        out += low
+        return out
+    out = codes.to(torch.float32).add_(32768.0)
+    return out.mul_(step).add_(low)
 
 
 @dataclass
@@ -140,15 +261,42 @@ class SimilarityMaps:
     """Whole-image-view cosine maps of the prototypes that can explain a pixel.
 
     Only prototypes that some pixel's trace can name are kept: those that won their
-    channel at a cell tapped by a pixel carrying that channel's label. ``maps[q]`` is the
-    (h, w) float16 cosine of scoring-set prototype ``q`` over the whole view's grid.
+    channel at a cell tapped by a pixel carrying that channel's label. ``self[q]`` is the
+    (h, w) float32 cosine of scoring-set prototype ``q`` over the whole view's grid.
+
+    Stored as float16 (``maps`` (K, h, w)), or in a compact segmentation as 8-bit codes
+    per map (``maps`` uint8, ``low`` and ``step`` (K,) float32: a cosine is
+    ``code * step + low``, within half a step, 1/510 of the map's range, of the float16
+    one): these maps are drawn as heat maps, not summed into scores.
     """
 
-    def __init__(self, index: torch.Tensor, maps: torch.Tensor) -> None:
-        """``index``: (K,) int64 scoring-set indices; ``maps``: (K, h, w) float16."""
+    def __init__(
+        self,
+        index: torch.Tensor,
+        maps: torch.Tensor,
+        low: torch.Tensor | None = None,
+        step: torch.Tensor | None = None,
+    ) -> None:
+        """``index``: (K,) int64 scoring-set indices; ``maps``: (K, h, w) float16 or uint8
+        codes (with ``low`` and ``step``)."""
         self.index = index
         self.maps = maps
+        self.low, self.step = low, step
         self._row = {int(q): k for k, q in enumerate(index.tolist())}
+
+    @staticmethod
+    def compact(index: torch.Tensor, maps: torch.Tensor) -> SimilarityMaps:
+        """8-bit codes of (K, h, w) maps, each scaled to its own range."""
+        if maps.numel() == 0:
+            return SimilarityMaps(
+                index, maps.to(torch.uint8), torch.zeros(len(maps)), torch.zeros(len(maps))
+            )
+        flat = maps.reshape(len(maps), -1).to(torch.float32)
+        low, high = flat.amin(1), flat.amax(1)
+        step = (high - low) / 255.0
+        safe = torch.where(step > 0, step, torch.ones(()))
+        codes = ((flat - low[:, None]) / safe[:, None]).round_().clamp_(0, 255).to(torch.uint8)
+        return SimilarityMaps(index, codes.reshape(maps.shape), low, step)
 
     def __getitem__(self, q: int) -> torch.Tensor:
         row = self._row.get(int(q))
@@ -157,7 +305,9 @@ class SimilarityMaps:
                 f"no similarity map for prototype {int(q)}: it explains no pixel of this "
                 "segmentation"
             )
-        return self.maps[row]
+        if self.low is None or self.step is None:
+            return self.maps[row].to(torch.float32)
+        return self.maps[row].to(torch.float32).mul_(self.step[row]).add_(self.low[row])
 
     def __contains__(self, q: object) -> bool:
         return isinstance(q, (int, np.integer)) and int(q) in self._row
@@ -167,7 +317,8 @@ class SimilarityMaps:
 
     @property
     def nbytes(self) -> int:
-        return int(self.maps.numel() * self.maps.element_size() + self.index.numel() * 8)
+        parts = (self.maps, self.index, self.low, self.step)
+        return sum(int(t.numel() * t.element_size()) for t in parts if t is not None)
 
 
 @dataclass
@@ -186,8 +337,8 @@ class Segmentation:
         views: every (view, extractor) pass; see :class:`ViewRecord`.
         scoring: ``{extractor name: ScoringSet}``.
         whole_view_sims: ``{extractor name: SimilarityMaps}``; ``[extractor][q]`` is the
-            (h, w) float16 cosine of prototype ``q`` over the whole-image view's grid, for
-            every prototype a trace can name.
+            (h, w) float32 cosine of prototype ``q`` over the whole-image view's grid, for
+            every prototype a trace can name (kept as float16, or 8-bit when compact).
         config: the settings used.
         features: with ``segment(..., keep_features=True)``, the target's features of
             every pass, ``features[i]`` the (D, h, w) float32 CPU tensor that
@@ -197,7 +348,9 @@ class Segmentation:
             (:data:`WHATIF_MAX_MB`); about 3 MB for the cpu preset.
 
     Scores are not stored: :meth:`score_map`, :meth:`scores_at` and :attr:`scores` compute
-    them from ``views`` (exactly the numbers ``labels`` is the argmax of).
+    them from ``views``: exactly the numbers ``labels`` is the argmax of, or, when the
+    records are compact (more than ``COMPACT_ABOVE_BYTES`` of them), within 9.6e-6 of
+    those numbers (the labels are then the exact argmax).
     """
 
     image: np.ndarray
@@ -276,9 +429,7 @@ class Segmentation:
     def nbytes(self) -> int:
         """Bytes this segmentation holds itself (not its categories' banks)."""
         total = self.image.nbytes + self.labels.nbytes
-        for v in self.views:
-            total += v.values.numel() * v.values.element_size()
-            total += v.winners.numel() * v.winners.element_size()
+        total += sum(v.nbytes for v in self.views)
         for s in self.scoring.values():
             total += sum(t.numel() * t.element_size() for t in (s.channel, s.source, s.bank_index))
         total += sum(m.nbytes for m in self.whole_view_sims.values())
@@ -390,6 +541,46 @@ class _Span:
         return torch.as_tensor(self.lo), torch.as_tensor(self.hi)
 
 
+class _Values:
+    """One pass's values as the score field reads them: float32 slices of the exact
+    values or of decoded 16-bit codes (see :class:`ViewRecord`), as numpy arrays on the
+    CPU (views where nothing is decoded or picked) or tensors on the values' device."""
+
+    def __init__(self, source: torch.Tensor | ViewRecord, numpy: bool) -> None:
+        record = source if isinstance(source, ViewRecord) else None
+        data = record.data if record is not None else source
+        assert isinstance(data, torch.Tensor)
+        self.data = data
+        self.shape = tuple(int(n) for n in data.shape)
+        self.numpy = numpy
+        self.low = self.step = None
+        if record is not None and record.low is not None and record.step is not None:
+            self.low, self.step = record.low.to(data.device), record.step.to(data.device)
+        self.array = data.numpy() if numpy else None
+        self.low_np = self.low.numpy() if numpy and self.low is not None else None
+        self.step_np = self.step.numpy() if numpy and self.step is not None else None
+
+    def take(self, pick: Any, first: int, last: int) -> Any:
+        """(k, h, last - first) float32 values of channels ``pick`` (numpy or tensor index
+        array, all when None) on grid columns ``first:last``."""
+        src: Any = self.array if self.numpy else self.data
+        part = src[:, :, first:last] if pick is None else src[pick, :, first:last]
+        if self.low is None:
+            return part
+        low: Any = self.low_np if self.numpy else self.low
+        step: Any = self.step_np if self.numpy else self.step
+        if pick is not None:
+            low, step = low[pick], step[pick]
+        return decode_values(part, low[:, None, None], step[:, None, None])
+
+    def select(self, channels: torch.Tensor) -> torch.Tensor:
+        """(k, h, w) float32 tensor of channels ``channels`` (a new tensor)."""
+        part = self.data.index_select(0, channels)
+        if self.low is None or self.step is None:
+            return part
+        return decode_values(part, self.low[channels, None, None], self.step[channels, None, None])
+
+
 def _range_reduce(
     grid: torch.Tensor, first: torch.Tensor, last: torch.Tensor, dim: int, largest: bool
 ) -> torch.Tensor:
@@ -426,27 +617,57 @@ class _ScoreField:
         self.key = (id(views), len(views), size, processed)
         self.size = size
         ys, xs = pixel_centres(size[0], processed[0]), pixel_centres(size[1], processed[1])
-        grids = [v.values for v in views] if values is None else list(values)
-        self.device = grids[0].device if grids else torch.device("cpu")
+        sources: list[Any] = list(views) if values is None else list(values)
+        self.device = (
+            (sources[0].data if values is None else sources[0]).device
+            if sources
+            else torch.device("cpu")
+        )
         self.cpu = self.device.type == "cpu" if numpy is None else numpy
-        self.passes: list[tuple[torch.Tensor, _Span, _Span]] = []
+        grids = [_Values(src, self.cpu) for src in sources]
         self.pass_view: list[int] = []  # index in ``views`` of each pass
+        # Passes with the same box and grid size (extractors of equal stride) have the
+        # same taps; a blend is linear, so each such group's grids are summed (in pass
+        # order) and blended once.
+        groups: dict[tuple, tuple[list[_Values], _Span, _Span]] = {}
+        group_views: dict[tuple, list[int]] = {}
         for vi, (v, grid) in enumerate(zip(views, grids, strict=True)):
+            key = (v.box, v.grid_size)
+            if key in groups:
+                groups[key][0].append(grid)
+                self.pass_view.append(vi)
+                group_views[key].append(vi)
+                continue
             top, left, vh, vw = v.box
             gh, gw = v.grid_size
             rows = _Span.build(ys, top, vh, gh, self.device, self.cpu)
             cols = _Span.build(xs, left, vw, gw, self.device, self.cpu)
             if rows is not None and cols is not None:
-                self.passes.append((grid, rows, cols))
+                groups[key] = ([grid], rows, cols)
+                group_views[key] = [vi]
                 self.pass_view.append(vi)
-        self.n_channels = int(views[0].values.shape[0]) if views else 1
+        self.groups = list(groups.values())
+        self.group_views = list(group_views.values())  # indices in ``views`` per group
+        self.n_channels = int(views[0].data.shape[0]) if views else 1
 
-    def block(self, channels: Sequence[int] | None, r0: int, r1: int, c0: int, c1: int) -> Any:
-        """(k, r1 - r0, c1 - c0) float32 scores of ``channels`` (all when None) on input
-        rows ``r0:r1`` and columns ``c0:c1``: a numpy array on the CPU, else a tensor on
-        the records' device."""
+    def block(
+        self,
+        channels: Sequence[int] | None,
+        r0: int,
+        r1: int,
+        c0: int,
+        c1: int,
+        columns: np.ndarray | None = None,
+    ) -> Any:
+        """(k, r1 - r0, n) float32 scores of ``channels`` (all when None) on input rows
+        ``r0:r1`` and columns ``c0:c1`` (n = c1 - c0), or the increasing input columns
+        ``columns`` (n of them; then ``c0``, ``c1`` are ignored): a numpy array on the
+        CPU, else a tensor on the records' device. Every score is the same float32
+        operations on the same numbers whatever the block."""
         k = self.n_channels if channels is None else len(channels)
-        shape = (k, r1 - r0, c1 - c0)
+        if columns is None:
+            columns = np.arange(c0, c1)
+        shape = (k, r1 - r0, len(columns))
         if self.cpu:
             acc: Any = np.zeros(shape, dtype=np.float32)
             count: Any = np.zeros(shape[1:], dtype=np.float32)
@@ -455,18 +676,29 @@ class _ScoreField:
             acc = torch.zeros(shape, device=self.device)
             count = torch.zeros(shape[1:], device=self.device)
             pick = None if channels is None else torch.tensor(channels, device=self.device)
-        for grid, rows, cols in self.passes:
+        for group, rows, cols in self.groups:
             a, b = rows.clip(r0, r1)
-            c, d = cols.clip(c0, c1)
-            if a >= b or c >= d:
+            # the block's columns this pass covers: positions p:q of ``columns``
+            p, q = np.searchsorted(columns, (cols.start, cols.stop)).tolist()
+            if a >= b or p >= q:
                 continue
-            i, j = slice(a - rows.start, b - rows.start), slice(c - cols.start, d - cols.start)
-            first, last = int(cols.lo[j][0]), int(cols.hi[j][-1]) + 1  # grid columns tapped
-            g: Any = grid.numpy() if self.cpu else grid
-            g = g[:, :, first:last] if pick is None else g[pick, :, first:last]
+            i = slice(a - rows.start, b - rows.start)
+            j: Any = columns[p:q] - cols.start
+            if not self.cpu:
+                j = torch.from_numpy(j).to(self.device)
+            first, last = int(cols.lo[j[0]]), int(cols.hi[j[-1]]) + 1  # grid columns tapped
+            g: Any = None
+            for grid in group:
+                part = grid.take(pick, first, last)
+                if g is None:
+                    g = part
+                elif g is part or g.base is not None or isinstance(g, torch.Tensor):
+                    g = g + part
+                else:
+                    g += part
             up = blend(g, rows.taps.part(i), cols.taps.part(j, first))
-            acc[:, a - r0 : b - r0, c - c0 : d - c0] += up
-            count[a - r0 : b - r0, c - c0 : d - c0] += 1.0
+            acc[:, a - r0 : b - r0, p:q] += up
+            count[a - r0 : b - r0, p:q] += float(len(group))
         acc /= count
         return acc
 
@@ -492,7 +724,7 @@ class _ScoreField:
         covers every tile wholly or not at all."""
         n = self.size[axis]
         cuts = {0, n, *range(TILE, n, TILE)}
-        for _, rows, cols in self.passes:
+        for _, rows, cols in self.groups:
             span = rows if axis == 0 else cols
             cuts.update((span.start, span.stop))
         return np.array(sorted(cuts), dtype=np.int64)
@@ -512,25 +744,28 @@ class _ScoreField:
         upper = torch.zeros(k, nt, nu, device=dev)
         lower = torch.zeros(k, nt, nu, device=dev)
         passes = torch.zeros(nt, nu, device=dev)
-        for grid, rows, cols in self.passes:
+        for group, rows, cols in self.groups:
             rt, r_first, r_last = _tile_cells(rows, row_edges, dev)
             ct, c_first, c_last = _tile_cells(cols, col_edges, dev)
-            g = grid.index_select(0, channels)
+            g = group[0].select(channels)
+            for grid in group[1:]:
+                g += grid.select(channels)
             hi = _range_reduce(_range_reduce(g, r_first, r_last, 1, True), c_first, c_last, 2, True)
             lo = _range_reduce(
                 _range_reduce(g, r_first, r_last, 1, False), c_first, c_last, 2, False
             )
             upper[:, rt[0] : rt[-1] + 1, ct[0] : ct[-1] + 1] += hi
             lower[:, rt[0] : rt[-1] + 1, ct[0] : ct[-1] + 1] += lo
-            passes[rt[0] : rt[-1] + 1, ct[0] : ct[-1] + 1] += 1.0
+            passes[rt[0] : rt[-1] + 1, ct[0] : ct[-1] + 1] += float(len(group))
         return lower / passes, upper / passes
 
     def argmax(self, channels: Sequence[int]) -> np.ndarray:
         """(H, W) best of ``channels`` (ascending) at every pixel, the first on ties.
 
-        Channels that cannot win a tile (see :meth:`bounds`) are not blended there; the
-        image is blended in blocks of whole tiles (see :class:`_Planner`), each with the
-        channels that can win in it.
+        Channels that cannot win a tile (see :meth:`bounds`) are not blended there: a tile
+        where one channel alone can win gets its label without blending; the others are
+        blended band by band (a band is a row of tiles; see :func:`_band_blocks`), each
+        block with the channels that can win in its tiles.
         """
         h, w = self.size
         ids = np.asarray(channels, dtype=np.int64)
@@ -538,80 +773,122 @@ class _ScoreField:
         if len(ids) == 1:
             labels[:] = ids[0]
             return labels
-        if len(ids) * h * w <= BLOCK_ELEMENTS:  # small: nothing worth pruning
-            labels[:] = ids[self._best(ids, 0, h, w)]
-            return labels
         row_edges, col_edges = self.edges(0), self.edges(1)
         lower, upper = self.bounds(torch.from_numpy(ids).to(self.device), row_edges, col_edges)
         live = upper >= lower.amax(0, keepdim=True) - PRUNE_MARGIN  # (k, tile rows, cols)
-        plan = _Planner(live.cpu().numpy(), row_edges, col_edges)
-        for t0, t1, u0, u1, keep in plan.blocks(0, len(row_edges) - 1, 0, len(col_edges) - 1):
-            r0, r1, c0, c1 = (
-                int(e) for e in (row_edges[t0], row_edges[t1], col_edges[u0], col_edges[u1])
-            )
+        live_np = live.cpu().numpy()
+        n_live = live_np.sum(0)
+        only = ids[live_np.argmax(0)]  # (tile rows, cols): the live channel, where just one
+        widths = np.diff(col_edges)
+        for t in range(len(row_edges) - 1):
+            labels[row_edges[t] : row_edges[t + 1]] = np.repeat(only[t], widths)[None, :]
+        for t0, t1, tiles, keep in _merge_bands(live_np, n_live, row_edges, widths):
+            r0, r1 = int(row_edges[t0]), int(row_edges[t1])
             sub = ids[keep]
-            got = self.block(sub.tolist(), r0, r1, c0, c1).argmax(0)
-            labels[r0:r1, c0:c1] = sub[got if self.cpu else got.cpu().numpy()]
+            columns = np.concatenate([np.arange(col_edges[u], col_edges[u + 1]) for u in tiles])
+            step = max(1, BLOCK_ELEMENTS // (len(sub) * (r1 - r0)))
+            for c in range(0, len(columns), step):
+                cols = columns[c : c + step]
+                got = _first_max(self.block(sub.tolist(), r0, r1, 0, 0, cols))
+                labels[r0:r1, cols] = sub[got if self.cpu else got.cpu().numpy()]
         return labels
 
-    def _best(self, ids: np.ndarray, r0: int, r1: int, w: int) -> np.ndarray:
-        """(r1 - r0, W) int64 position in ``ids`` of the best channel on rows r0:r1."""
-        got = self.block(ids.tolist(), r0, r1, 0, w).argmax(0)
-        return got if self.cpu else got.cpu().numpy()
-
-    def tapped(self, pass_index: int, integral: np.ndarray) -> np.ndarray:
-        """(h, w) bool: cells of a pass's grid that some pixel of a mask taps.
-
-        Args:
-            pass_index: index in ``passes``.
-            integral: the mask's :func:`_integral` table ((H + 1, W + 1)).
-        """
-        grid, rows, cols = self.passes[pass_index]
-        r_a, r_b = _tapping(rows, int(grid.shape[1]))
-        c_a, c_b = _tapping(cols, int(grid.shape[2]))
-        r_a, r_b = r_a[:, None], r_b[:, None]
-        count = integral[r_b, c_b] - integral[r_a, c_b] - integral[r_b, c_a] + integral[r_a, c_a]
-        return count > 0
+    def tapping(self, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per cell of a group's grid, the input pixels whose taps include it: rows
+        ``r_a[i]:r_b[i]`` and columns ``c_a[j]:c_b[j]`` (each (cells,) int64)."""
+        grids, rows, cols = self.groups[group]
+        r_a, r_b = _tapping(rows, grids[0].shape[1])
+        c_a, c_b = _tapping(cols, grids[0].shape[2])
+        return r_a, r_b, c_a, c_b
 
 
-class _Planner:
-    """Splits the image into tile-aligned blocks to blend, each with the channels that
-    can win somewhere in it.
+def _first_max(scores: Any) -> Any:
+    """(r, c) int64 index of the largest of (k, r, c) scores along the first axis, the
+    first on ties (``argmax(0)``; on numpy a pass per channel when there are few, several
+    times faster than ``argmax`` along a non-last axis)."""
+    if isinstance(scores, torch.Tensor) or len(scores) > 8:
+        return scores.argmax(0)
+    best = scores[0].copy()
+    index = np.zeros(best.shape, dtype=np.int64)
+    for k in range(1, len(scores)):
+        better = scores[k] > best
+        np.copyto(best, scores[k], where=better)
+        index[better] = k
+    return index
 
-    A block is halved (along its longer side, at a tile edge) when its work, channels x
-    pixels, exceeds ``BLOCK_ELEMENTS`` or when the halves' work plus the fixed cost of
-    one more block (``BLOCK_OVERHEAD`` element-equivalents) is smaller than its own.
+
+def _merge_bands(
+    live: np.ndarray, n_live: np.ndarray, row_edges: np.ndarray, widths: np.ndarray
+) -> list[tuple[int, int, list[int], np.ndarray]]:
+    """Blocks to blend: (first tile row, end tile row, tile columns, channel mask).
+
+    Every tile with more than one live channel is in a block, and a block's mask holds
+    the live channels of every tile it covers (so its argmax is the true one there).
+    Each band's blocks (:func:`_band_blocks`) are extended downwards by the next band's
+    when blending the merged rectangle costs no more than blending both apart plus
+    ``BLOCK_OVERHEAD``.
     """
+    heights = np.diff(row_edges)
+    done: list[tuple[int, int, np.ndarray, np.ndarray]] = []
+    open_: list[tuple[int, int, np.ndarray, np.ndarray]] = []  # (t0, t1, tile cols, mask)
 
-    def __init__(self, live: np.ndarray, row_edges: np.ndarray, col_edges: np.ndarray) -> None:
-        self.live, self.rows, self.cols = live, row_edges, col_edges
+    def cost(t0: int, t1: int, cols: np.ndarray, mask: np.ndarray) -> int:
+        return int(mask.sum()) * int(heights[t0:t1].sum()) * int(widths[cols].sum())
 
-    def _cost(self, t0: int, t1: int, u0: int, u1: int) -> tuple[int, np.ndarray]:
-        keep = np.asarray(self.live[:, t0:t1, u0:u1].any(axis=(1, 2)))
-        area = int(self.rows[t1] - self.rows[t0]) * int(self.cols[u1] - self.cols[u0])
-        return int(keep.sum()) * area, keep
+    for t in range(len(heights)):
+        mixed = np.flatnonzero(n_live[t] > 1)
+        still: list[tuple[int, int, np.ndarray, np.ndarray]] = []
+        for mask, tiles in _band_blocks(live[:, t], mixed, widths, int(heights[t])):
+            cols = np.zeros(len(widths), dtype=bool)
+            cols[tiles] = True
+            for oi, (o0, o1, ocols, omask) in enumerate(open_):
+                union = ocols | cols
+                merged = np.asarray(live[:, o0 : t + 1][:, :, union].any(axis=(1, 2)))
+                apart = cost(o0, o1, ocols, omask) + cost(t, t + 1, cols, mask) + BLOCK_OVERHEAD
+                if cost(o0, t + 1, union, merged) <= apart:
+                    open_.pop(oi)
+                    still.append((o0, t + 1, union, merged))
+                    break
+            else:
+                still.append((t, t + 1, cols, mask))
+        for o in open_:  # not extended into this band: finished
+            done.append(o)
+        open_ = still
+    done += open_
+    return [(t0, t1, np.flatnonzero(cols).tolist(), mask) for t0, t1, cols, mask in done]
 
-    def blocks(
-        self, t0: int, t1: int, u0: int, u1: int
-    ) -> Iterator[tuple[int, int, int, int, np.ndarray]]:
-        """(first tile row, end tile row, first tile col, end tile col, channel mask)."""
-        work, keep = self._cost(t0, t1, u0, u1)
-        if t1 - t0 == 1 and u1 - u0 == 1:
-            yield t0, t1, u0, u1, keep
-            return
-        tall = (self.rows[t1] - self.rows[t0] >= self.cols[u1] - self.cols[u0]) and t1 - t0 > 1
-        if tall or u1 - u0 == 1:
-            m = (t0 + t1) // 2
-            halves = [(t0, m, u0, u1), (m, t1, u0, u1)]
+
+def _band_blocks(
+    live: np.ndarray, tiles: np.ndarray, widths: np.ndarray, height: int
+) -> list[tuple[np.ndarray, list[int]]]:
+    """Blocks to blend in one band of tiles: (channel mask, tiles), every tile of
+    ``tiles`` in exactly one block.
+
+    Args:
+        live: (k, tiles in the band) bool, the channels that can win in each tile.
+        tiles: the band's tiles to blend (more than one live channel).
+        widths: (tiles in the band,) pixel widths; ``height``: the band's, in pixels.
+
+    Tiles with the same live channels form a block; blocks merge (largest first) when
+    blending the union of their channels over both costs no more than blending them
+    apart plus the fixed cost of one more block (``BLOCK_OVERHEAD`` channel-pixels).
+    """
+    groups: dict[bytes, list[int]] = {}
+    for u in tiles.tolist():
+        groups.setdefault(live[:, u].tobytes(), []).append(u)
+    blocks: list[tuple[np.ndarray, list[int], int]] = []  # (mask, tiles, pixels)
+    for members in sorted(groups.values(), key=lambda m: -int(widths[m].sum())):
+        mask = live[:, members[0]]
+        area = int(widths[members].sum()) * height
+        for bi, (bmask, btiles, barea) in enumerate(blocks):
+            union = bmask | mask
+            apart = int(bmask.sum()) * barea + int(mask.sum()) * area + BLOCK_OVERHEAD
+            if int(union.sum()) * (barea + area) <= apart:
+                blocks[bi] = (union, btiles + members, barea + area)
+                break
         else:
-            m = (u0 + u1) // 2
-            halves = [(t0, t1, u0, m), (t0, t1, m, u1)]
-        split = sum(self._cost(*half)[0] for half in halves) + BLOCK_OVERHEAD
-        if work <= BLOCK_ELEMENTS and split >= work:
-            yield t0, t1, u0, u1, keep
-            return
-        for half in halves:
-            yield from self.blocks(*half)
+            blocks.append((mask, members, area))
+    return [(m, sorted(t)) for m, t, _ in blocks]
 
 
 def _tile_cells(
@@ -771,12 +1048,30 @@ def _channel_chunks(offsets: Sequence[int], limit: int) -> list[tuple[int, int, 
     return chunks
 
 
-def inverse_norms(f: torch.Tensor) -> torch.Tensor:
-    """(cells,) float32 ``1 / |f[:, j]|`` (at most 1e12) of (D, cells) float32 features.
+def cell_matrix(feats: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(D, h, w) features as a float32 matrix, without a copy where the layout allows.
 
-    Sums of squares over slices of at most 2**20 values: no (D, cells) temporary, and on
-    the CPU several times faster than ``torch.linalg.vector_norm(f, dim=0)``.
+    Returns:
+        ``(matrix, cells_major)``: the (h * w, D) matrix when the channel is the innermost
+        dimension in memory (channels-last, as the ViT and SD extractors return their
+        features: a permuted view of (h, w, D) tokens), else (D, h * w).
     """
+    d, h, w = feats.shape
+    f = feats.to(torch.float32)
+    if d > 1 and f.stride(0) == 1:
+        return f.permute(1, 2, 0).reshape(h * w, d), True
+    return f.reshape(d, h * w), False
+
+
+def inverse_norms(f: torch.Tensor, cells_major: bool = False) -> torch.Tensor:
+    """(cells,) float32 ``1 / |feature|`` (at most 1e12) of a :func:`cell_matrix`.
+
+    Cells-major ((cells, D)): one contiguous reduction per cell. Else ((D, cells)): sums
+    of squares over slices of at most 2**20 values, with no (D, cells) temporary (on the
+    CPU several times faster than ``torch.linalg.vector_norm(f, dim=0)``).
+    """
+    if cells_major:
+        return torch.linalg.vector_norm(f, dim=1).clamp_(min=1e-12).reciprocal_()
     acc = torch.zeros(f.shape[1], dtype=torch.float32, device=f.device)
     rows = max(1, (1 << 20) // max(1, f.shape[1]))
     for i in range(0, f.shape[0], rows):
@@ -789,58 +1084,74 @@ def score_cells(
     packed: _Packed,
     floor: float,
     inv_norm: torch.Tensor | None = None,
-    sims_out: list[torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    sims_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-channel best prototype cosine at every cell of one view.
 
     Cosines come from (prototypes x D) x (D x cells) products, a chunk of whole channels
     at a time (at most ``SIMS_ELEMENTS`` products held at once); each channel's maximum is
-    taken over its contiguous rows, the first prototype winning ties.
+    taken over its contiguous rows, the first prototype winning ties. Channels-last
+    features (see :func:`cell_matrix`) are read ``CELL_CHUNK`` cells at a time: their
+    norms and their products are taken while the chunk is in the cache, so the features
+    come from memory once.
 
     Args:
         feats: (D, h, w) features of the view, on any device.
         inv_norm: their :func:`inverse_norms` ((h * w,)), when already computed.
-        sims_out: if given, every prototype's cosines are appended to it as float16
-            (rows, h * w) chunks in scoring-set order (the products are made anyway).
+        sims_out: if given, a (Q, h * w) float16 tensor that receives every prototype's
+            cosines (the products are made anyway), Q the scoring set's size.
 
     Returns:
-        values (C + 1, h, w) float32 (floored) and winners (C + 1, h, w) int16 (int32 for
+        values (C + 1, h, w) float32 (floored), winners (C + 1, h, w) int16 (int32 for
         32,767 or more prototypes) scoring-set indices (-1 for channels without
-        prototypes), on ``feats``' device.
+        prototypes) and the (h * w,) inverse feature norms, on ``feats``' device.
     """
-    d, h, w = feats.shape
-    f = feats.reshape(d, h * w).to(torch.float32)
-    dev = f.device
+    _, h, w = feats.shape
+    n_cells = h * w
+    mat, cells_major = cell_matrix(feats)
+    dev = mat.device
     # Cosine = (prototype . feature) / |feature| (prototypes are unit vectors). The factor
     # is positive and the same for every prototype at a cell, so maxima and winners are
     # taken on the bare products and only the (C + 1) maxima are scaled.
-    if inv_norm is None:
-        inv_norm = inverse_norms(f)
+    norms = torch.empty(n_cells, device=dev) if inv_norm is None else inv_norm
     vectors = packed.on(dev)
     n_ch = len(packed.offsets) - 1
     index_type = torch.int16 if len(vectors) < 2**15 - 1 else torch.int32
-    values = torch.full((n_ch, h * w), -torch.inf, device=dev)
-    winners = torch.full((n_ch, h * w), -1, dtype=torch.long, device=dev)
-    limit = max(1, SIMS_ELEMENTS // max(1, h * w))
-    for c0, c1, lo, hi, piece in _channel_chunks(packed.offsets, limit):
-        if hi == lo:
-            continue
-        products = torch.mm(vectors[lo:hi], f)  # (rows, cells)
-        if sims_out is not None:
-            sims_out.append((products * inv_norm).to(torch.float16))
-        if piece:  # part of one large channel: merge with what earlier pieces found
-            v, a = products.max(0)
-            better = v > values[c0]
-            values[c0] = torch.where(better, v, values[c0])
-            winners[c0] = torch.where(better, a + lo, winners[c0])
-            continue
-        n = (hi - lo) // (c1 - c0)
-        v, a = products.view(c1 - c0, n, h * w).max(1)
-        values[c0:c1] = v
-        winners[c0:c1] = a + (lo + n * torch.arange(c1 - c0, device=dev)).unsqueeze(1)
-    values.mul_(inv_norm)
+    values = torch.full((n_ch, n_cells), -torch.inf, device=dev)
+    winners = torch.full((n_ch, n_cells), -1, dtype=torch.long, device=dev)
+    step = min(CELL_CHUNK, n_cells) if cells_major else n_cells
+    chunks = _channel_chunks(packed.offsets, max(1, SIMS_ELEMENTS // step))
+    for s0 in range(0, n_cells, step):
+        s1 = min(s0 + step, n_cells)
+        sub = mat[s0:s1] if cells_major else mat
+        pending = inv_norm is None  # norms taken after the first product: chunk cached
+        f = sub.T if cells_major else sub  # (D, cells of the chunk)
+        cells = s1 - s0
+        for c0, c1, lo, hi, piece in chunks:
+            if hi == lo:
+                continue
+            products = torch.mm(vectors[lo:hi], f)  # (rows, cells)
+            if pending:
+                norms[s0:s1] = inverse_norms(sub, cells_major)
+                pending = False
+            if sims_out is not None:
+                sims_out[lo:hi, s0:s1] = products * norms[s0:s1]
+            if piece:  # part of one large channel: merge with what earlier pieces found
+                v, a = products.max(0)
+                old = values[c0, s0:s1]
+                better = v > old
+                values[c0, s0:s1] = torch.where(better, v, old)
+                winners[c0, s0:s1] = torch.where(better, a + lo, winners[c0, s0:s1])
+                continue
+            n = (hi - lo) // (c1 - c0)
+            v, a = products.view(c1 - c0, n, cells).max(1)
+            values[c0:c1, s0:s1] = v
+            winners[c0:c1, s0:s1] = a + (lo + n * torch.arange(c1 - c0, device=dev)).unsqueeze(1)
+        if pending:  # no prototypes at all
+            norms[s0:s1] = inverse_norms(sub, cells_major)
+    values.mul_(norms)
     values = torch.where(values > floor, values, torch.zeros((), device=dev))
-    return values.reshape(n_ch, h, w), winners.to(index_type).reshape(n_ch, h, w)
+    return values.reshape(n_ch, h, w), winners.to(index_type).reshape(n_ch, h, w), norms
 
 
 def _whole_view_maps(
@@ -849,22 +1160,30 @@ def _whole_view_maps(
     wanted: torch.Tensor,
     inv_norm: torch.Tensor | None = None,
     sims: torch.Tensor | None = None,
+    compact: bool = False,
 ) -> SimilarityMaps:
     """:class:`SimilarityMaps` of prototypes ``wanted`` ((K,) int64, sorted) over the whole
     view's features ``feats`` ((D, h, w)), computed as :func:`score_cells` does, or picked
-    from ``sims`` ((Q, h * w) float16, every prototype's, when :func:`segment` kept them)."""
-    d, h, w = feats.shape
+    from ``sims`` ((Q, h * w) float16, every prototype's, when :func:`segment` kept them);
+    8-bit when ``compact``."""
+    _, h, w = feats.shape
     if sims is not None:
-        return SimilarityMaps(wanted.cpu(), sims[wanted.to(sims.device)].cpu().reshape(-1, h, w))
-    f = feats.reshape(d, h * w).to(torch.float32)
+        picked = sims[wanted.to(sims.device)].cpu().reshape(-1, h, w)
+        if compact:
+            return SimilarityMaps.compact(wanted.cpu(), picked)
+        return SimilarityMaps(wanted.cpu(), picked)
+    mat, cells_major = cell_matrix(feats)
+    f = mat.T if cells_major else mat
     if inv_norm is None:
-        inv_norm = inverse_norms(f)
+        inv_norm = inverse_norms(mat, cells_major)
     vectors = packed.on(f.device)
     maps = torch.empty(len(wanted), h * w, dtype=torch.float16)
     step = max(1, SIMS_ELEMENTS // max(1, h * w))
     for k in range(0, len(wanted), step):
         rows = vectors[wanted[k : k + step].to(f.device)]
         maps[k : k + step] = torch.mm(rows, f).mul_(inv_norm).to(torch.float16).cpu()
+    if compact:
+        return SimilarityMaps.compact(wanted.cpu(), maps.reshape(len(wanted), h, w))
     return SimilarityMaps(wanted.cpu(), maps.reshape(len(wanted), h, w))
 
 
@@ -960,17 +1279,16 @@ def segment(
         kept = [c for c in categories if c.stuff or c.name in keep]
 
     hp, wp = processed_size((h, w), config.short_side)
-    tensor = (
-        torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)[None].float()
-        / 255.0
-    )
+    # resized on the 0..255 scale, then scaled to 0..1 (on the smaller image)
+    tensor = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)[None]
+    tensor = tensor.float()
     if (hp, wp) != (h, w):
         tensor = F.interpolate(tensor, size=(hp, wp), mode="bilinear", antialias=True)
-        tensor = tensor.clamp_(0.0, 1.0)
+        tensor = tensor.clamp_(0.0, 255.0)
+    tensor = tensor.div_(255.0)
     boxes = view_boxes((hp, wp), config)
 
-    views: list[ViewRecord] = []
-    grids: list[torch.Tensor] = []  # each pass's values on the device they were made on
+    raw: list[_Pass] = []  # exact records, on the device they were made on
     packs: dict[str, _Packed] = {}
     whole_feats: dict[str, torch.Tensor] = {}
     whole_norms: dict[str, torch.Tensor] = {}
@@ -994,28 +1312,30 @@ def segment(
                         f"extractor {ex.name!r} gives {feats.shape[1]}-d features but the banks "
                         f"hold {packed.dim}-d prototypes; rebuild the banks"
                     )
-                inv_norm = inverse_norms(feats[0].reshape(packed.dim, -1).to(torch.float32))
                 cells = int(feats.shape[2] * feats.shape[3])
-                sims: list[torch.Tensor] | None = None
+                sims: torch.Tensor | None = None
                 if vi == 0 and len(packed.vectors) * cells * 2 <= WHOLE_SIMS_BYTES:
-                    sims = []  # keep the whole view's cosines: no second product later
-                values, winners = score_cells(feats[0], packed, config.score_floor, inv_norm, sims)
-                grids.append(values)
-                views.append(ViewRecord(ex.name, (top, left, vh, vw), values.cpu(), winners.cpu()))
+                    # keep the whole view's cosines: no second product later
+                    sims = torch.empty(
+                        len(packed.vectors), cells, dtype=torch.float16, device=feats.device
+                    )
+                values, winners, inv_norm = score_cells(
+                    feats[0], packed, config.score_floor, sims_out=sims
+                )
+                raw.append(_Pass(ex.name, (top, left, vh, vw), values, winners))
                 if vi == 0:
                     whole_feats[ex.name] = feats[0]
                     whole_norms[ex.name] = inv_norm
-                    if sims:
-                        whole_sims[ex.name] = torch.cat(sims)
+                    if sims is not None and len(sims):
+                        whole_sims[ex.name] = sims
                 if kept_feats is not None:
                     kept_bytes += feats[0].numel() * 4
                     if kept_bytes > budget:
                         kept_feats = None  # over budget: keep none
                     else:
                         kept_feats.append(feats[0].to("cpu", torch.float32, copy=True))
-        labels, whole = _label_and_explain(
-            views,
-            grids,
+        views, labels, whole = _label_and_explain(
+            raw,
             whole_feats,
             packs,
             (h, w),
@@ -1040,9 +1360,18 @@ def segment(
     )
 
 
+@dataclass
+class _Pass:
+    """One pass's exact records as :func:`score_cells` made them (on its device)."""
+
+    extractor: str
+    box: tuple[int, int, int, int]
+    values: torch.Tensor
+    winners: torch.Tensor
+
+
 def _label_and_explain(
-    views: Sequence[ViewRecord],
-    grids: Sequence[torch.Tensor] | None,
+    raw: Sequence[_Pass],
     whole_feats: dict[str, torch.Tensor],
     packs: dict[str, _Packed],
     size: tuple[int, int],
@@ -1050,13 +1379,20 @@ def _label_and_explain(
     n_channels: int,
     whole_norms: Mapping[str, torch.Tensor] | None = None,
     whole_sims: Mapping[str, torch.Tensor] | None = None,
-) -> tuple[np.ndarray, dict[str, SimilarityMaps]]:
-    """The end of stage 3, shared by :func:`segment` and :func:`rescore`: the (H, W)
-    labels of the passes' records and the whole-view similarity maps of the prototypes
-    that explain them (``grids``: the records' values on the scoring device, or None;
-    ``whole_norms``: the whole views' :func:`inverse_norms`, when already computed;
-    ``whole_sims``: their (Q, cells) float16 cosines, when kept)."""
-    scores = _ScoreField(views, size, processed, grids)
+) -> tuple[list[ViewRecord], np.ndarray, dict[str, SimilarityMaps]]:
+    """The end of stage 3, shared by :func:`segment` and :func:`rescore`: the passes'
+    records as a segmentation keeps them (compact beyond ``COMPACT_ABOVE_BYTES``), the
+    (H, W) labels of the exact records, and the whole-view similarity maps of the
+    prototypes that explain them (``whole_norms``: the whole views' :func:`inverse_norms`,
+    when already computed; ``whole_sims``: their (Q, cells) float16 cosines, when kept)."""
+    compact = sum(p.values.numel() * 4 for p in raw) > COMPACT_ABOVE_BYTES
+    views = [
+        ViewRecord.store(
+            p.extractor, p.box, p.values, p.winners, packs[p.extractor].offsets, compact
+        )
+        for p in raw
+    ]
+    scores = _ScoreField(views, size, processed, [p.values for p in raw])
     labels = scores.argmax(list(range(n_channels)))
     explained = _explaining_prototypes(scores, views, labels)
     whole = {
@@ -1066,10 +1402,11 @@ def _label_and_explain(
             explained[name],
             (whole_norms or {}).get(name),
             (whole_sims or {}).get(name),
+            compact,
         )
         for name in packs
     }
-    return labels, whole
+    return views, labels, whole
 
 
 def features_bytes(seg: Segmentation) -> int:
@@ -1180,15 +1517,15 @@ def rescore(
                 in_pack = set(old_sc.bank_index[old_sc.source == src].tolist())
                 dropped += sum(1 for r in rows if not bool(bank.foreground[r]) and r not in in_pack)
         packs[ex].scoring.dropped_by_stuff -= dropped
-    views: list[ViewRecord] = []
+    raw: list[_Pass] = []
     whole_feats: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
         for v, f in zip(seg.views, seg.features, strict=True):
-            values, winners = score_cells(f, packs[v.extractor], seg.config.score_floor)
-            views.append(ViewRecord(v.extractor, v.box, values, winners))
+            values, winners, _ = score_cells(f, packs[v.extractor], seg.config.score_floor)
+            raw.append(_Pass(v.extractor, v.box, values, winners))
             whole_feats.setdefault(v.extractor, f)
-        labels, whole = _label_and_explain(
-            views, None, whole_feats, packs, seg.size, seg.processed_size, len(categories) + 1
+        views, labels, whole = _label_and_explain(
+            raw, whole_feats, packs, seg.size, seg.processed_size, len(categories) + 1
         )
     return replace(
         seg,
@@ -1204,15 +1541,34 @@ def _explaining_prototypes(
     scores: _ScoreField, views: Sequence[ViewRecord], labels: np.ndarray
 ) -> dict[str, torch.Tensor]:
     """Per extractor, the sorted scoring-set indices (int64) a trace can name: the
-    winners of channel ``l`` at cells tapped by a pixel labelled ``l``, in any pass."""
-    found: dict[str, set[int]] = {v.extractor: set() for v in views}
-    for label in np.unique(labels).tolist():
-        integral = _integral(labels == label)
-        for pi, vi in enumerate(scores.pass_view):
-            cells = torch.from_numpy(scores.tapped(pi, integral))
-            q = views[vi].winners[label][cells]
-            found[views[vi].extractor].update(q[q >= 0].unique().tolist())
-    return {e: torch.tensor(sorted(qs), dtype=torch.long) for e, qs in found.items()}
+    winners of channel ``l`` at cells tapped by a pixel labelled ``l``, in any pass.
+
+    A cell is tapped by a label's pixels when the label's summed-area table counts one
+    in the cell's tapping rectangle; with two labels one table serves both (the other
+    label's count is the rectangle's area minus it)."""
+    counts = np.bincount(labels.ravel())
+    present = np.flatnonzero(counts)
+    tables: list[tuple[int, np.ndarray, bool]] = []  # (label, table, complement)
+    if len(present) == 2:
+        table = _integral(labels == present[1])
+        tables = [(int(present[0]), table, True), (int(present[1]), table, False)]
+    else:
+        tables = [(int(label), _integral(labels == label), False) for label in present]
+    found: dict[str, list[torch.Tensor]] = {v.extractor: [] for v in views}
+    for gi, passes in enumerate(scores.group_views):
+        r_a, r_b, c_a, c_b = scores.tapping(gi)
+        r_a, r_b = r_a[:, None], r_b[:, None]
+        area = (r_b - r_a) * (c_b - c_a)
+        for label, table, complement in tables:
+            count = table[r_b, c_b] - table[r_a, c_b] - table[r_b, c_a] + table[r_a, c_a]
+            cells = torch.from_numpy((area - count if complement else count) > 0)
+            for vi in passes:
+                found[views[vi].extractor].append(views[vi].channel_winners(label)[cells])
+    out = {}
+    for e, qs in found.items():
+        q = torch.cat(qs).unique() if qs else torch.zeros(0, dtype=torch.long)
+        out[e] = q[q >= 0].long()
+    return out
 
 
 def _integral(mask: np.ndarray) -> np.ndarray:

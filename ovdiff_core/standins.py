@@ -162,7 +162,9 @@ class CodedExtractor:
     position (i, j) reads the code of the pixel at its centre; code ``c >= 1`` gives a
     foreground prototype of ``categories[c - 1]``, code 0 a background prototype of some
     category (both chosen by a fixed hash of the cell and code), plus Gaussian noise of
-    norm about ``noise``. Cost: one gather and one random tensor per call.
+    norm about ``noise``. Cost: one gather and one random tensor per call. The result is
+    a channels-last view of (B, h, w, dim) cells, the layout the DINO, CLIP and SD
+    extractors return (:class:`FixedExtractor` gives the other one, channels-first).
     """
 
     def __init__(self, name: str, dim: int, stride: int, seed: int, noise: float = 0.5) -> None:
@@ -203,4 +205,4 @@ class CodedExtractor:
         feats = table[codes, pick]  # (B, gh, gw, dim)
         g = torch.Generator().manual_seed(self.seed + h * 7 + w)
         noise = torch.randn(feats.shape, generator=g) * (self.noise / self.dim**0.5)
-        return (feats + noise).permute(0, 3, 1, 2).contiguous()
+        return (feats + noise).permute(0, 3, 1, 2)  # channels-last, like the real extractors

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ovdiff_core.geometry import AxisTaps, GridTaps, bilinear_taps, pixel_centres
-from ovdiff_core.segment import Segmentation
+from ovdiff_core.segment import Segmentation, ViewRecord, decode_values
 from ovdiff_core.types import PrototypeKind
 
 __all__ = ["Contribution", "PixelTrace", "PrototypeRef", "SupportRegion", "decompose", "trace"]
@@ -149,6 +149,35 @@ class _Axis:
         return [(c, wt) for c, wt in ((lo, 1.0 - f), (hi, f)) if wt != 0.0]
 
 
+class _Cells:
+    """numpy views of one pass's records (see :class:`ViewRecord`), read a few cells at a
+    time; compact values are decoded with the score field's float32 operations."""
+
+    def __init__(self, v: ViewRecord) -> None:
+        self.data = v.data.numpy()
+        self.picks = v.picks.numpy()
+        self.low = v.low.numpy() if v.low is not None else None
+        self.step = v.step.numpy() if v.step is not None else None
+        self.starts = v.starts.numpy() if v.starts is not None else None
+        self.bg = v.bg_picks.numpy() if v.bg_picks is not None else None
+
+    def values(self, channel: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """(n,) float32 values of ``channel`` at cells (rows[k], cols[k])."""
+        got = self.data[channel, rows, cols]
+        if self.low is None or self.step is None:
+            return got
+        return np.asarray(decode_values(got, self.low[channel], self.step[channel]))
+
+    def winners(self, channel: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """(n,) int64 scoring-set indices of ``channel``'s winners at those cells."""
+        if self.starts is None or self.bg is None:
+            return self.picks[channel, rows, cols].astype(np.int64)
+        if channel == 0:
+            return self.bg[rows, cols].astype(np.int64)
+        local = self.picks[channel - 1, rows, cols].astype(np.int64)
+        return np.where(local < 255, local + self.starts[channel], -1)
+
+
 class _TraceIndex:
     """Per-segmentation lookup tables, built on the first trace of a segmentation.
 
@@ -164,15 +193,13 @@ class _TraceIndex:
         self.key = (id(seg.views), len(seg.views), seg.size, seg.processed_size)
         self.rows: list[_Axis] = []
         self.cols: list[_Axis] = []
-        self.values: list[np.ndarray] = []
-        self.winners: list[np.ndarray] = []
+        self.cells: list[_Cells] = []
         for v in seg.views:
             top, left, vh, vw = v.box
             gh, gw = v.grid_size
             self.rows.append(_Axis.build(ys, top, vh, gh))
             self.cols.append(_Axis.build(xs, left, vw, gw))
-            self.values.append(v.values.numpy())
-            self.winners.append(v.winners.numpy())
+            self.cells.append(_Cells(v))
         self.source = {e: sc.source.numpy() for e, sc in seg.scoring.items()}
         self.bank_index = {e: sc.bank_index.numpy() for e, sc in seg.scoring.items()}
         self.refs: dict[tuple[str, int], PrototypeRef] = {}
@@ -253,20 +280,22 @@ def decompose(seg: Segmentation, x: int, y: int, channel: int) -> list[Contribut
     out: list[Contribution] = []
     for vi in passes:
         ex = seg.views[vi].extractor
-        values, winners = idx.values[vi][channel], idx.winners[vi][channel]
-        col_taps = idx.cols[vi].taps(x)
-        for i, wy in idx.rows[vi].taps(y):
-            for j, wx in col_taps:
-                q = int(winners[i, j])
-                out.append(
-                    Contribution(
-                        view=vi,
-                        cell=(i, j),
-                        prototype=idx.ref(seg, ex, q) if q >= 0 else None,
-                        cosine=float(values[i, j]),
-                        weight=wy * wx / len(passes),
-                    )
+        taps = [(i, j, wy * wx) for i, wy in idx.rows[vi].taps(y) for j, wx in idx.cols[vi].taps(x)]
+        ii = np.array([t[0] for t in taps], dtype=np.int64)
+        jj = np.array([t[1] for t in taps], dtype=np.int64)
+        values = idx.cells[vi].values(channel, ii, jj)
+        winners = idx.cells[vi].winners(channel, ii, jj)
+        for k, (i, j, weight) in enumerate(taps):
+            q = int(winners[k])
+            out.append(
+                Contribution(
+                    view=vi,
+                    cell=(i, j),
+                    prototype=idx.ref(seg, ex, q) if q >= 0 else None,
+                    cosine=float(values[k]),
+                    weight=weight / len(passes),
                 )
+            )
     return out
 
 
@@ -298,7 +327,7 @@ def trace(seg: Segmentation, x: int, y: int) -> PixelTrace:
             continue
         key = (
             seg.views[c.view].extractor,
-            int(idx.winners[c.view][label, c.cell[0], c.cell[1]]),
+            int(idx.cells[c.view].winners(label, np.array([c.cell[0]]), np.array([c.cell[1]]))[0]),
         )
         totals[key] = totals.get(key, 0.0) + c.weight * c.cosine
         weights[key] = weights.get(key, 0.0) + c.weight

@@ -85,10 +85,11 @@ class BlockSpy:
         self.blended = 0
 
     def wrap(self, block):  # type: ignore[no-untyped-def]
-        def spy(this, channels, r0, r1, c0, c1):  # type: ignore[no-untyped-def]
+        def spy(this, channels, r0, r1, c0, c1, columns=None):  # type: ignore[no-untyped-def]
             k = this.n_channels if channels is None else len(channels)
-            self.blended += k * (r1 - r0) * (c1 - c0)
-            return block(this, channels, r0, r1, c0, c1)
+            n = c1 - c0 if columns is None else len(columns)
+            self.blended += k * (r1 - r0) * n
+            return block(this, channels, r0, r1, c0, c1, columns)
 
         return spy
 
@@ -226,3 +227,75 @@ def test_similarity_maps_kept_or_recomputed_agree(monkeypatch: pytest.MonkeyPatc
         other = again.whole_view_sims[name]
         assert torch.equal(maps.index, other.index) and len(maps) > 0
         np.testing.assert_allclose(maps.maps.float().numpy(), other.maps.float().numpy(), atol=2e-3)
+
+
+def compact_and_exact(monkeypatch: pytest.MonkeyPatch, kind: str, n_classes: int) -> tuple:
+    image, cats, extractors = world(kind, n_classes)
+    exact = segment(image, cats, extractors, CFG)
+    monkeypatch.setattr(seg_module, "COMPACT_ABOVE_BYTES", 0)
+    compact = segment(image, cats, extractors, CFG)
+    return exact, compact
+
+
+@pytest.mark.parametrize("kind", ["coded", "fixed"])
+def test_compact_records_hold_the_exact_ones(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """16-bit values within 9.6e-6 (the 1e-5 the scores are held to), the same winners
+    and labels, 8-bit similarity maps within half a step of their range, half the bytes."""
+    exact, compact = compact_and_exact(monkeypatch, kind, 150)
+    assert not any(v.compact for v in exact.views)
+    for e, c in zip(exact.views, compact.views, strict=True):
+        assert c.compact and c.data.dtype == torch.int16 and c.picks.dtype == torch.uint8
+        assert c.starts is not None and c.bg_picks is not None
+        span = (e.values.amax((1, 2)) - e.values.amin((1, 2)).clamp(max=0)).double()
+        err = (c.values.double() - e.values.double()).abs().amax((1, 2))
+        assert bool((err <= span / 131070 + 1e-7).all()) and float(err.max()) <= 9.6e-6
+        assert torch.equal(c.winners, e.winners)
+        for ch in (0, 1, len(exact.class_names) - 1):
+            assert torch.equal(c.channel_values(ch), c.values[ch])
+            assert torch.equal(c.channel_winners(ch), e.winners[ch].long())
+        assert c.nbytes <= 0.5 * e.nbytes + 8 * 4 * len(exact.class_names)
+    assert np.array_equal(compact.labels, exact.labels), "labels come from the exact values"
+    diff = np.abs(compact.scores - exact.scores)
+    assert diff.max() <= 1e-5 and diff.max() > 0
+    top2 = np.sort(compact.scores, axis=0)[-2:]
+    differ = compact.labels != compact.scores.argmax(0)
+    assert (top2[1] - top2[0])[differ].max(initial=0.0) <= 2e-5
+    for name, maps in exact.whole_view_sims.items():
+        small = compact.whole_view_sims[name]
+        assert torch.equal(small.index, maps.index)
+        assert small.maps.dtype == torch.uint8 and small.maps.shape == maps.maps.shape
+        for q in maps.index.tolist()[:50]:
+            full, got = maps[q], small[q]
+            half_step = float(full.max() - full.min()) / 510
+            assert float((got - full).abs().max()) <= half_step + 1e-3  # + float16 rounding
+    assert compact.nbytes < exact.nbytes
+
+
+def test_store_keeps_exact_values_that_span_too_much() -> None:
+    """Values spanning more than COMPACT_MAX_SPAN (a negative score floor) stay float32."""
+    values = torch.tensor([[[-0.9, 0.0], [0.5, 0.6]], [[0.1, 0.2], [0.3, 0.4]]])
+    winners = torch.tensor([[[0, 1], [2, 0]], [[3, 3], [4, -1]]], dtype=torch.int16)
+    kept = seg_module.ViewRecord.store("a", (0, 0, 2, 2), values, winners, [0, 3, 5], True)
+    assert not kept.compact and torch.equal(kept.values, values)
+    narrow = values.clamp(min=0)
+    packed = seg_module.ViewRecord.store("a", (0, 0, 2, 2), narrow, winners, [0, 3, 5], True)
+    assert packed.compact
+    assert float((packed.values - narrow).abs().max()) <= 0.6 / 131070 + 1e-7
+    assert float(packed.values[0, 0, 1]) == 0.0 and float(packed.values[1, 1, 1]) > 0
+    assert torch.equal(packed.winners, winners)  # -1 (no winner) survives the uint8 offsets
+
+
+def test_store_keeps_wide_winners_when_a_channel_has_over_255_prototypes() -> None:
+    values = torch.rand(3, 4, 5)
+    winners = torch.randint(0, 300, (3, 4, 5), dtype=torch.int16)
+    winners[1] = torch.randint(300, 600, (4, 5), dtype=torch.int16)
+    winners[2] = torch.randint(600, 610, (4, 5), dtype=torch.int16)
+    offsets = [0, 300, 600, 610]  # channel 1 has 300 prototypes
+    got = seg_module.ViewRecord.store("a", (0, 0, 4, 5), values, winners, offsets, True)
+    assert got.compact and got.starts is None and got.picks.dtype == torch.int16
+    assert torch.equal(got.winners, winners)
+    offsets = [0, 300, 555, 610]  # every foreground channel within 255
+    winners[1] = torch.randint(300, 555, (4, 5), dtype=torch.int16)
+    winners[2] = torch.randint(555, 610, (4, 5), dtype=torch.int16)
+    got = seg_module.ViewRecord.store("a", (0, 0, 4, 5), values, winners, offsets, True)
+    assert got.picks.dtype == torch.uint8 and torch.equal(got.winners, winners)

@@ -90,14 +90,25 @@ def many_class_segmentation(n_classes: int) -> Segmentation:
         return segment(image, cats, extractors, cfg)
 
 
-@pytest.fixture(scope="module", params=[*CONFIGS, *MANY_CLASSES])
+# the same segmentations stored compact (16-bit values, 8-bit winners and maps), as
+# segment() stores large ones
+COMPACT = {"windows-compact": "windows", "150-classes-compact": "150-classes"}
+
+
+@pytest.fixture(scope="module", params=[*CONFIGS, *MANY_CLASSES, *COMPACT])
 def seg(request: pytest.FixtureRequest, model: OVDiff) -> Segmentation:
-    if request.param in MANY_CLASSES:
-        return many_class_segmentation(MANY_CLASSES[request.param])
-    names, size, cfg = CONFIGS[request.param]
-    extractors = [e for e in model.extractors if e.name in names]
-    cats = list(model.categories.values())
-    return segment(target(size), cats, extractors, cfg)
+    name = COMPACT.get(request.param, request.param)
+    with pytest.MonkeyPatch.context() as mp:
+        if request.param in COMPACT:
+            mp.setattr(segment_module, "COMPACT_ABOVE_BYTES", 0)
+        if name in MANY_CLASSES:
+            got = many_class_segmentation(MANY_CLASSES[name])
+        else:
+            names, size, cfg = CONFIGS[name]
+            extractors = [e for e in model.extractors if e.name in names]
+            got = segment(target(size), list(model.categories.values()), extractors, cfg)
+    assert all(v.compact for v in got.views) == (request.param in COMPACT)
+    return got
 
 
 def test_decompose_reproduces_every_score(seg: Segmentation) -> None:

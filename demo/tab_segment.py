@@ -156,6 +156,11 @@ def _trace_html(tr: PixelTrace) -> str:
         else "No support images to show."
     )
     label = render.esc(tr.label_name)
+    if tr.similarity_map is None and tr.winner is not None:
+        region_text += (
+            " Its similarity map was not kept: this segmentation keeps the maps of the"
+            " prototypes that win the most cells, within its memory budget."
+        )
     return (
         f'<div class="ovd-trace" data-x="{tr.x}" data-y="{tr.y}" data-label="{label}">'
         f"<h3>Pixel (x={tr.x}, y={tr.y}) → {label}</h3>"
@@ -246,9 +251,14 @@ class SegmentTab:
         assert seg is not None  # click_point raised otherwise
         tr = trace(seg, x, y)
         color = render.class_color(tr.label)
-        sim = render.similarity_overlay(
-            seg.image, tr.similarity_map, point=(x, y), max_side=SIMILARITY_SIDE
-        )
+        if tr.similarity_map is None:  # not kept (budget): the image and the point only
+            sim = render.similarity_overlay(
+                seg.image, np.zeros(seg.size, np.float32), 0.0, (x, y), SIMILARITY_SIDE
+            )
+        else:
+            sim = render.similarity_overlay(
+                seg.image, tr.similarity_map, point=(x, y), max_side=SIMILARITY_SIDE
+            )
         regions, picks = [], []
         owner = tr.winner.category if tr.winner else ""
         for reg in tr.regions[:MAX_REGION_TILES]:

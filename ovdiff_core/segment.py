@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from ovdiff_core.config import SegmentConfig
-from ovdiff_core.geometry import AxisTaps, bilinear_taps, blend, pixel_centres
+from ovdiff_core.geometry import AxisTaps, bilinear_taps, blend, pixel_centres, take
 from ovdiff_core.prefilter import PrefilterResult, prefilter
 from ovdiff_core.protocols import FeatureExtractor, ImageTextScorer
 from ovdiff_core.types import Category, PrototypeBank
@@ -85,6 +85,12 @@ COMPACT_ABOVE_BYTES = 8 << 20
 # default score floor of 0 they lie in [0, 1]): a code's error is then at most
 # span / 131,070 <= 9.6e-6.
 COMPACT_MAX_SPAN = 1.25
+# Most bytes of similarity maps a segmentation keeps (all extractors together). Beyond it
+# only the maps of the prototypes that win the most tapped cells are kept (a trace of a
+# pixel whose winner has none says so). The benchmark's photo-like scene needs 17 MB (8-bit
+# maps) at 150 classes and keeps them all; a scene where winners change from cell to cell
+# (noise, or a vast background scored by thousands of prototypes) would need far more.
+SIMS_MAX_BYTES = 18 << 20
 # Whole-view cosines of every prototype (float16) kept while segmenting, so that the
 # similarity maps need no second product; beyond this many bytes they are recomputed
 # for the prototypes that need them.
@@ -261,8 +267,10 @@ class SimilarityMaps:
     """Whole-image-view cosine maps of the prototypes that can explain a pixel.
 
     Only prototypes that some pixel's trace can name are kept: those that won their
-    channel at a cell tapped by a pixel carrying that channel's label. ``self[q]`` is the
-    (h, w) float32 cosine of scoring-set prototype ``q`` over the whole view's grid.
+    channel at a cell tapped by a pixel carrying that channel's label, and at most
+    ``SIMS_MAX_BYTES`` of them (the prototypes that win the most such cells first;
+    ``omitted`` counts the others). ``self[q]`` is the (h, w) float32 cosine of
+    scoring-set prototype ``q`` over the whole view's grid.
 
     Stored as float16 (``maps`` (K, h, w)), or in a compact segmentation as 8-bit codes
     per map (``maps`` uint8, ``low`` and ``step`` (K,) float32: a cosine is
@@ -282,6 +290,7 @@ class SimilarityMaps:
         self.index = index
         self.maps = maps
         self.low, self.step = low, step
+        self.omitted = 0  # prototypes a trace can name whose map is not kept (budget)
         self._row = {int(q): k for k, q in enumerate(index.tolist())}
 
     @staticmethod
@@ -573,24 +582,31 @@ class _Values:
             low, step = low[pick], step[pick]
         return decode_values(part, low[:, None, None], step[:, None, None])
 
-    def select(self, channels: torch.Tensor) -> torch.Tensor:
-        """(k, h, w) float32 tensor of channels ``channels`` (a new tensor)."""
+    def select(self, channels: Any) -> Any:
+        """(k, h, w) float32 values of channels ``channels`` (a numpy index array on the
+        numpy side, else a tensor), as a new array or tensor."""
+        if self.array is not None:
+            part: Any = self.array[channels]
+            if self.low_np is None or self.step_np is None:
+                return part
+            low, step = self.low_np[channels], self.step_np[channels]
+            return decode_values(part, low[:, None, None], step[:, None, None])
         part = self.data.index_select(0, channels)
         if self.low is None or self.step is None:
             return part
         return decode_values(part, self.low[channels, None, None], self.step[channels, None, None])
 
 
-def _range_reduce(
-    grid: torch.Tensor, first: torch.Tensor, last: torch.Tensor, dim: int, largest: bool
-) -> torch.Tensor:
-    """Max (or min) of ``grid`` along ``dim`` over each inclusive index range
-    ``first[t]..last[t]``; the result has ``len(first)`` entries along ``dim``."""
-    out = grid.index_select(dim, first)
+def _range_reduce(grid: Any, first: Any, last: Any, dim: int, largest: bool) -> Any:
+    """Max (or min) of ``grid`` (numpy or tensor, with index arrays of the same kind)
+    along ``dim`` over each inclusive index range ``first[t]..last[t]``; the result has
+    ``len(first)`` entries along ``dim``."""
+    lib: Any = np if isinstance(grid, np.ndarray) else torch
+    out = take(grid, first, dim)
     longest = int((last - first).max()) + 1 if len(first) else 0
     for step in range(1, longest):
-        more = grid.index_select(dim, torch.minimum(first + step, last))
-        out = torch.maximum(out, more) if largest else torch.minimum(out, more)
+        more = take(grid, lib.minimum(first + step, last), dim)
+        out = lib.maximum(out, more) if largest else lib.minimum(out, more)
     return out
 
 
@@ -741,15 +757,22 @@ class _ScoreField:
         """
         k, nt, nu = len(channels), len(row_edges) - 1, len(col_edges) - 1
         dev = self.device
-        upper = torch.zeros(k, nt, nu, device=dev)
-        lower = torch.zeros(k, nt, nu, device=dev)
-        passes = torch.zeros(nt, nu, device=dev)
+        lib: Any = np if self.cpu else torch
+        pick: Any = channels.cpu().numpy() if self.cpu else channels
+        if self.cpu:  # numpy: several times fewer microseconds per small call than torch
+            upper: Any = np.zeros((k, nt, nu), dtype=np.float32)
+            lower: Any = np.zeros((k, nt, nu), dtype=np.float32)
+            passes: Any = np.zeros((nt, nu), dtype=np.float32)
+        else:
+            upper = torch.zeros(k, nt, nu, device=dev)
+            lower = torch.zeros(k, nt, nu, device=dev)
+            passes = torch.zeros(nt, nu, device=dev)
         for group, rows, cols in self.groups:
-            rt, r_first, r_last = _tile_cells(rows, row_edges, dev)
-            ct, c_first, c_last = _tile_cells(cols, col_edges, dev)
-            g = group[0].select(channels)
+            rt, r_first, r_last = _tile_cells(rows, row_edges, dev, self.cpu)
+            ct, c_first, c_last = _tile_cells(cols, col_edges, dev, self.cpu)
+            g = group[0].select(pick)
             for grid in group[1:]:
-                g += grid.select(channels)
+                g = g + grid.select(pick)
             hi = _range_reduce(_range_reduce(g, r_first, r_last, 1, True), c_first, c_last, 2, True)
             lo = _range_reduce(
                 _range_reduce(g, r_first, r_last, 1, False), c_first, c_last, 2, False
@@ -757,7 +780,10 @@ class _ScoreField:
             upper[:, rt[0] : rt[-1] + 1, ct[0] : ct[-1] + 1] += hi
             lower[:, rt[0] : rt[-1] + 1, ct[0] : ct[-1] + 1] += lo
             passes[rt[0] : rt[-1] + 1, ct[0] : ct[-1] + 1] += float(len(group))
-        return lower / passes, upper / passes
+        lower, upper = lower / passes, upper / passes
+        if lib is np:
+            return torch.from_numpy(lower), torch.from_numpy(upper)
+        return lower, upper
 
     def argmax(self, channels: Sequence[int]) -> np.ndarray:
         """(H, W) best of ``channels`` (ascending) at every pixel, the first on ties.
@@ -892,13 +918,17 @@ def _band_blocks(
 
 
 def _tile_cells(
-    span: _Span, edges: np.ndarray, device: torch.device
-) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    span: _Span, edges: np.ndarray, device: torch.device, numpy: bool = False
+) -> tuple[np.ndarray, Any, Any]:
     """The tiles a span covers along one axis (``edges`` include its start and stop):
-    their indices and the first and last grid cell their pixels tap."""
+    their indices and the first and last grid cell their pixels tap (numpy arrays, or
+    tensors on ``device``)."""
     first_tile = int(np.searchsorted(edges, span.start))
     last_tile = int(np.searchsorted(edges, span.stop)) - 1
     tiles = np.arange(first_tile, last_tile + 1)
+    if numpy:
+        lo_np, hi_np = (np.asarray(x) for x in (span.lo, span.hi))
+        return tiles, lo_np[edges[tiles] - span.start], hi_np[edges[tiles + 1] - 1 - span.start]
     lo, hi = span.torch()
     a = torch.from_numpy(edges[tiles] - span.start).to(lo.device)
     b = torch.from_numpy(edges[tiles + 1] - 1 - span.start).to(lo.device)
@@ -1394,19 +1424,57 @@ def _label_and_explain(
     ]
     scores = _ScoreField(views, size, processed, [p.values for p in raw])
     labels = scores.argmax(list(range(n_channels)))
-    explained = _explaining_prototypes(scores, views, labels)
-    whole = {
-        name: _whole_view_maps(
+    explained = _within_budget(
+        _explaining_prototypes(scores, views, labels), whole_feats, 1 if compact else 2
+    )
+    whole = {}
+    for name in packs:
+        wanted, omitted = explained[name]
+        whole[name] = _whole_view_maps(
             whole_feats[name],
             packs[name],
-            explained[name],
+            wanted,
             (whole_norms or {}).get(name),
             (whole_sims or {}).get(name),
             compact,
         )
-        for name in packs
-    }
+        whole[name].omitted = omitted
     return views, labels, whole
+
+
+def _within_budget(
+    explained: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    whole_feats: Mapping[str, torch.Tensor],
+    cell_bytes: int,
+) -> dict[str, tuple[torch.Tensor, int]]:
+    """Per extractor, the sorted prototypes whose maps are kept and how many are not:
+    all of them within ``SIMS_MAX_BYTES``, else those that win the most tapped cells
+    (ties: extractor order, then index) while the maps fit."""
+    size = {
+        e: int(whole_feats[e].shape[1] * whole_feats[e].shape[2]) * cell_bytes for e in explained
+    }
+    total = sum(size[e] * len(q) for e, (q, _) in explained.items())
+    if total <= SIMS_MAX_BYTES:
+        return {e: (q, 0) for e, (q, _) in explained.items()}
+    ranked = sorted(
+        (
+            (-int(n), ei, int(q))
+            for ei, (e, (qs, ns)) in enumerate(explained.items())
+            for q, n in zip(qs.tolist(), ns.tolist(), strict=True)
+        ),
+    )
+    names = list(explained)
+    keep: dict[str, list[int]] = {e: [] for e in names}
+    used = 0
+    for _, ei, q in ranked:
+        if used + size[names[ei]] > SIMS_MAX_BYTES:
+            break
+        keep[names[ei]].append(q)
+        used += size[names[ei]]
+    return {
+        e: (torch.tensor(sorted(keep[e]), dtype=torch.long), len(explained[e][0]) - len(keep[e]))
+        for e in names
+    }
 
 
 def features_bytes(seg: Segmentation) -> int:
@@ -1539,17 +1607,19 @@ def rescore(
 
 def _explaining_prototypes(
     scores: _ScoreField, views: Sequence[ViewRecord], labels: np.ndarray
-) -> dict[str, torch.Tensor]:
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per extractor, the sorted scoring-set indices (int64) a trace can name: the
-    winners of channel ``l`` at cells tapped by a pixel labelled ``l``, in any pass.
+    winners of channel ``l`` at cells tapped by a pixel labelled ``l``, in any pass; and
+    how many such (pass, cell) each wins.
 
     A cell is tapped by a label's pixels when the label's summed-area table counts one
     in the cell's tapping rectangle; with two labels one table serves both (the other
     label's count is the rectangle's area minus it)."""
-    counts = np.bincount(labels.ravel())
-    present = np.flatnonzero(counts)
-    tables: list[tuple[int, np.ndarray, bool]] = []  # (label, table, complement)
-    if len(present) == 2:
+    tables: list[tuple[int, np.ndarray, bool]]  # (label, table, complement)
+    if scores.n_channels == 2:  # labels are 0 or 1: their own table counts the 1s
+        table = _integral(labels)
+        tables = [(0, table, True), (1, table, False)]
+    elif len(present := np.flatnonzero(np.bincount(labels.ravel()))) == 2:
         table = _integral(labels == present[1])
         tables = [(int(present[0]), table, True), (int(present[1]), table, False)]
     else:
@@ -1566,14 +1636,18 @@ def _explaining_prototypes(
                 found[views[vi].extractor].append(views[vi].channel_winners(label)[cells])
     out = {}
     for e, qs in found.items():
-        q = torch.cat(qs).unique() if qs else torch.zeros(0, dtype=torch.long)
-        out[e] = q[q >= 0].long()
+        if qs:
+            q, n = torch.cat(qs).long().unique(return_counts=True)
+        else:
+            q = n = torch.zeros(0, dtype=torch.long)
+        out[e] = (q[q >= 0], n[q >= 0])
     return out
 
 
 def _integral(mask: np.ndarray) -> np.ndarray:
-    """(H + 1, W + 1) int32 summed-area table of an (H, W) bool mask (zero first row and
-    column): the count in rows a:b, columns c:d is ``I[b, d] - I[a, d] - I[b, c] + I[a, c]``."""
+    """(H + 1, W + 1) int32 summed-area table of an (H, W) bool (or 0/1) mask (zero first
+    row and column): the count in rows a:b, columns c:d is
+    ``I[b, d] - I[a, d] - I[b, c] + I[a, c]``."""
     out = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int32)
     np.cumsum(mask, axis=0, dtype=np.int32, out=out[1:, 1:])
     np.cumsum(out[1:, 1:], axis=1, out=out[1:, 1:])

@@ -93,7 +93,9 @@ class PixelTrace:
         regions: the support pixels that formed the winner, one entry per support image
             (all member images for class prototypes, the one image for instance ones).
         similarity_map: (H, W) float32 cosine of the winner over the input image, from the
-            whole-image view (zeros if there is no winner).
+            whole-image view (zeros if there is no winner); None when the segmentation
+            did not keep the winner's map (over its budget, see
+            :class:`~ovdiff_core.segment.SimilarityMaps`).
     """
 
     x: int
@@ -107,7 +109,7 @@ class PixelTrace:
     winner_share: float
     winner_cosine: float
     regions: list[SupportRegion]
-    similarity_map: np.ndarray
+    similarity_map: np.ndarray | None
 
 
 def _check_point(seg: Segmentation, x: int, y: int) -> None:
@@ -334,7 +336,7 @@ def trace(seg: Segmentation, x: int, y: int) -> PixelTrace:
     winner = None
     share = cosine = 0.0
     regions: list[SupportRegion] = []
-    sim_map = np.zeros(seg.size, dtype=np.float32)
+    sim_map: np.ndarray | None = np.zeros(seg.size, dtype=np.float32)
     if totals:
         best = max(totals, key=lambda k: (totals[k], weights[k]))
         winner = idx.ref(seg, best[0], best[1])
@@ -345,7 +347,8 @@ def trace(seg: Segmentation, x: int, y: int) -> PixelTrace:
         for i, mask in bank.member_masks(winner.index).items():
             img = cat.support.images[i] if cat.support is not None else None
             regions.append(SupportRegion(image_index=i, mask=mask, image=img))
-        sim_map = _similarity_map(seg, winner, best[1])
+        kept = best[1] in seg.whole_view_sims[winner.extractor]
+        sim_map = _similarity_map(seg, winner, best[1]) if kept else None
     at = seg.scores_at(x, y)
     scores = {n: float(at[k]) for k, n in enumerate(seg.class_names)}
     return PixelTrace(

@@ -614,3 +614,17 @@ def test_category_limit_holds_per_visitor_not_per_build(color_app: DemoApp) -> N
         color_app.tab_photos.create_category("teapot", False, "cpu", session)
     # a preset change starts the visitor afresh (the old categories are dropped)
     color_app.tab_build.check_build(second, "paper", 2, session)
+
+
+def test_trace_panel_without_a_kept_similarity_map(
+    color_app: DemoApp, segmented, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over the maps' budget a click still explains the pixel and says the map is not kept."""
+    seg = segmented.seg_state.current
+    for maps in seg.whole_view_sims.values():
+        monkeypatch.setattr(maps, "_row", {})  # as if the budget kept none
+    panel = color_app.tab_segment.trace_panel(seg, [50, 60])
+    assert trace(seg, 50, 60).similarity_map is None
+    assert "Its similarity map was not kept" in panel.trace_info
+    assert "→ cat" in panel.trace_info and panel.trace_sim.ndim == 3
+    assert len(panel.trace_regions) >= 1

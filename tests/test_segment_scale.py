@@ -299,3 +299,57 @@ def test_store_keeps_wide_winners_when_a_channel_has_over_255_prototypes() -> No
     winners[2] = torch.randint(555, 610, (4, 5), dtype=torch.int16)
     got = seg_module.ViewRecord.store("a", (0, 0, 4, 5), values, winners, offsets, True)
     assert got.picks.dtype == torch.uint8 and torch.equal(got.winners, winners)
+
+
+def test_similarity_maps_stay_within_their_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over SIMS_MAX_BYTES only the maps of the prototypes winning the most tapped cells
+    are kept; a trace whose winner has none says so (None) and is otherwise unchanged."""
+    from ovdiff_core.trace import trace
+
+    image, cats, extractors = world("fixed", 40)  # random features: winners change a lot
+    full = segment(image, cats, extractors, CFG)
+    field = seg_module._ScoreField(full.views, full.size, full.processed_size)
+    counts = seg_module._explaining_prototypes(field, full.views, full.labels)
+    cells = {
+        v.extractor: v.grid_size[0] * v.grid_size[1]
+        for v in full.views
+        if v.box == (0, 0, *full.processed_size)
+    }
+    need = sum(cells[e] * 2 * len(q) for e, (q, _) in counts.items())
+    assert need == sum(int(m.maps.numel()) * 2 for m in full.whole_view_sims.values())
+    budget = need // 3
+    monkeypatch.setattr(seg_module, "SIMS_MAX_BYTES", budget)
+    cut = segment(image, cats, extractors, CFG)
+    kept_bytes = sum(int(m.maps.numel()) * 2 for m in cut.whole_view_sims.values())
+    assert 0 < kept_bytes <= budget
+    ranked = sorted(
+        (int(n), e, int(q))
+        for e, (qs, ns) in counts.items()
+        for q, n in zip(qs.tolist(), ns.tolist(), strict=True)
+    )
+    least_kept = min(
+        int(counts[e][1][counts[e][0] == q])
+        for e, m in cut.whole_view_sims.items()
+        for q in m.index.tolist()
+    )
+    most_dropped = max((n for n, e, q in ranked if q not in cut.whole_view_sims[e]), default=-1)
+    assert least_kept >= most_dropped, "the maps kept win at least as many cells"
+    for name, maps in cut.whole_view_sims.items():
+        assert maps.omitted == len(counts[name][0]) - len(maps)
+        for q in maps.index.tolist():
+            assert torch.equal(maps[q], full.whole_view_sims[name][q])
+    assert sum(m.omitted for m in cut.whole_view_sims.values()) > 0
+    assert np.array_equal(cut.labels, full.labels)
+    missing = 0
+    h, w = cut.size
+    for y in range(0, h, 3):
+        for x in range(0, w, 3):
+            a, b = trace(cut, x, y), trace(full, x, y)
+            assert a.winner == b.winner and a.score == b.score
+            if a.similarity_map is None:
+                missing += 1
+                assert b.winner is not None
+                assert b.winner_share > 0
+            else:
+                assert np.array_equal(a.similarity_map, b.similarity_map)
+    assert missing > 0

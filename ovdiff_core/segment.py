@@ -86,8 +86,9 @@ COMPACT_ABOVE_BYTES = 8 << 20
 # span / 131,070 <= 9.6e-6.
 COMPACT_MAX_SPAN = 1.25
 # Most bytes of similarity maps a segmentation keeps (all extractors together). Beyond it
-# only the maps of the prototypes that win the most tapped cells are kept (a trace of a
-# pixel whose winner has none says so). The benchmark's photo-like scene needs 17 MB (8-bit
+# they are kept as 8-bit codes, and if these pass it too, only the maps of the prototypes
+# that win the most tapped cells are kept (a trace of a pixel whose winner has none says
+# so). The benchmark's photo-like scene needs 17 MB (8-bit
 # maps) at 150 classes and keeps them all; a scene where winners change from cell to cell
 # (noise, or a vast background scored by thousands of prototypes) would need far more.
 SIMS_MAX_BYTES = 18 << 20
@@ -272,10 +273,11 @@ class SimilarityMaps:
     ``omitted`` counts the others). ``self[q]`` is the (h, w) float32 cosine of
     scoring-set prototype ``q`` over the whole view's grid.
 
-    Stored as float16 (``maps`` (K, h, w)), or in a compact segmentation as 8-bit codes
-    per map (``maps`` uint8, ``low`` and ``step`` (K,) float32: a cosine is
-    ``code * step + low``, within half a step, 1/510 of the map's range, of the float16
-    one): these maps are drawn as heat maps, not summed into scores.
+    Stored as float16 (``maps`` (K, h, w)), or, in a compact segmentation or when float16
+    maps would pass ``SIMS_MAX_BYTES``, as 8-bit codes per map (``maps`` uint8, ``low``
+    and ``step`` (K,) float32: a cosine is ``code * step + low``, within half a step,
+    1/510 of the map's range, of the float16 one): these maps are drawn as heat maps, not
+    summed into scores.
     """
 
     def __init__(
@@ -1424,9 +1426,11 @@ def _label_and_explain(
     ]
     scores = _ScoreField(views, size, processed, [p.values for p in raw])
     labels = scores.argmax(list(range(n_channels)))
-    explained = _within_budget(
-        _explaining_prototypes(scores, views, labels), whole_feats, 1 if compact else 2
-    )
+    counts = _explaining_prototypes(scores, views, labels)
+    # 8-bit maps when the records are compact, or when float16 maps would pass the budget
+    need = sum(_map_bytes(whole_feats[e], 2) * len(q) for e, (q, _) in counts.items())
+    small = compact or need > SIMS_MAX_BYTES
+    explained = _within_budget(counts, whole_feats, 1 if small else 2)
     whole = {}
     for name in packs:
         wanted, omitted = explained[name]
@@ -1436,10 +1440,15 @@ def _label_and_explain(
             wanted,
             (whole_norms or {}).get(name),
             (whole_sims or {}).get(name),
-            compact,
+            small,
         )
         whole[name].omitted = omitted
     return views, labels, whole
+
+
+def _map_bytes(feats: torch.Tensor, cell_bytes: int) -> int:
+    """Bytes of one similarity map over the grid of (D, h, w) whole-view features."""
+    return int(feats.shape[1] * feats.shape[2]) * cell_bytes
 
 
 def _within_budget(
@@ -1450,9 +1459,7 @@ def _within_budget(
     """Per extractor, the sorted prototypes whose maps are kept and how many are not:
     all of them within ``SIMS_MAX_BYTES``, else those that win the most tapped cells
     (ties: extractor order, then index) while the maps fit."""
-    size = {
-        e: int(whole_feats[e].shape[1] * whole_feats[e].shape[2]) * cell_bytes for e in explained
-    }
+    size = {e: _map_bytes(whole_feats[e], cell_bytes) for e in explained}
     total = sum(size[e] * len(q) for e, (q, _) in explained.items())
     if total <= SIMS_MAX_BYTES:
         return {e: (q, 0) for e, (q, _) in explained.items()}

@@ -643,7 +643,6 @@ class _ScoreField:
         )
         self.cpu = self.device.type == "cpu" if numpy is None else numpy
         grids = [_Values(src, self.cpu) for src in sources]
-        self.pass_view: list[int] = []  # index in ``views`` of each pass
         # Passes with the same box and grid size (extractors of equal stride) have the
         # same taps; a blend is linear, so each such group's grids are summed (in pass
         # order) and blended once.
@@ -653,7 +652,6 @@ class _ScoreField:
             key = (v.box, v.grid_size)
             if key in groups:
                 groups[key][0].append(grid)
-                self.pass_view.append(vi)
                 group_views[key].append(vi)
                 continue
             top, left, vh, vw = v.box
@@ -663,7 +661,6 @@ class _ScoreField:
             if rows is not None and cols is not None:
                 groups[key] = ([grid], rows, cols)
                 group_views[key] = [vi]
-                self.pass_view.append(vi)
         self.groups = list(groups.values())
         self.group_views = list(group_views.values())  # indices in ``views`` per group
         self.n_channels = int(views[0].data.shape[0]) if views else 1
@@ -705,15 +702,10 @@ class _ScoreField:
             if not self.cpu:
                 j = torch.from_numpy(j).to(self.device)
             first, last = int(cols.lo[j[0]]), int(cols.hi[j[-1]]) + 1  # grid columns tapped
-            g: Any = None
+            g: Any = None  # the group's grids summed, in pass order
             for grid in group:
                 part = grid.take(pick, first, last)
-                if g is None:
-                    g = part
-                elif g is part or g.base is not None or isinstance(g, torch.Tensor):
-                    g = g + part
-                else:
-                    g += part
+                g = part if g is None else g + part
             up = blend(g, rows.taps.part(i), cols.taps.part(j, first))
             acc[:, a - r0 : b - r0, p:q] += up
             count[a - r0 : b - r0, p:q] += float(len(group))

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ovdiff_core.geometry import AxisTaps, GridTaps, bilinear_taps, pixel_centres
-from ovdiff_core.segment import Segmentation, ViewRecord, decode_values
+from ovdiff_core.segment import Segmentation, ViewRecord
 from ovdiff_core.types import PrototypeKind
 
 __all__ = ["Contribution", "PixelTrace", "PrototypeRef", "SupportRegion", "decompose", "trace"]
@@ -152,32 +152,23 @@ class _Axis:
 
 
 class _Cells:
-    """numpy views of one pass's records (see :class:`ViewRecord`), read a few cells at a
-    time; compact values are decoded with the score field's float32 operations."""
+    """One pass's records read a channel at a time through :class:`ViewRecord` (which
+    decodes compact ones); the last channel read is kept as numpy arrays, swapped in as
+    one tuple so that concurrent traces never see a mix of two channels."""
 
     def __init__(self, v: ViewRecord) -> None:
-        self.data = v.data.numpy()
-        self.picks = v.picks.numpy()
-        self.low = v.low.numpy() if v.low is not None else None
-        self.step = v.step.numpy() if v.step is not None else None
-        self.starts = v.starts.numpy() if v.starts is not None else None
-        self.bg = v.bg_picks.numpy() if v.bg_picks is not None else None
+        self.view = v
+        self.last: tuple[int, np.ndarray, np.ndarray] | None = None
 
-    def values(self, channel: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """(n,) float32 values of ``channel`` at cells (rows[k], cols[k])."""
-        got = self.data[channel, rows, cols]
-        if self.low is None or self.step is None:
-            return got
-        return np.asarray(decode_values(got, self.low[channel], self.step[channel]))
-
-    def winners(self, channel: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """(n,) int64 scoring-set indices of ``channel``'s winners at those cells."""
-        if self.starts is None or self.bg is None:
-            return self.picks[channel, rows, cols].astype(np.int64)
-        if channel == 0:
-            return self.bg[rows, cols].astype(np.int64)
-        local = self.picks[channel - 1, rows, cols].astype(np.int64)
-        return np.where(local < 255, local + self.starts[channel], -1)
+    def at(self, channel: int, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(n,) float32 values and int64 scoring-set winners of ``channel`` at cells
+        (rows[k], cols[k])."""
+        got = self.last
+        if got is None or got[0] != channel:
+            v = self.view
+            got = (channel, v.channel_values(channel).numpy(), v.channel_winners(channel).numpy())
+            self.last = got
+        return got[1][rows, cols], got[2][rows, cols]
 
 
 class _TraceIndex:
@@ -274,30 +265,33 @@ def decompose(seg: Segmentation, x: int, y: int, channel: int) -> list[Contribut
         raise ValueError(f"decompose: channel must be an integer label, got {channel!r}")
     if not 0 <= int(channel) < n_ch:
         raise ValueError(f"decompose: channel {channel} is not a label; need 0 <= channel < {n_ch}")
-    x, y, channel = int(x), int(y), int(channel)
+    return [c for c, _ in _terms(seg, int(x), int(y), int(channel))]
+
+
+def _terms(seg: Segmentation, x: int, y: int, channel: int) -> list[tuple[Contribution, int]]:
+    """:func:`decompose`'s terms (checked arguments), each with its winner's scoring-set
+    index (-1 for none)."""
     idx = _index(seg)
     passes = [
         vi for vi in range(len(seg.views)) if idx.rows[vi].inside[y] and idx.cols[vi].inside[x]
     ]
-    out: list[Contribution] = []
+    out: list[tuple[Contribution, int]] = []
     for vi in passes:
         ex = seg.views[vi].extractor
         taps = [(i, j, wy * wx) for i, wy in idx.rows[vi].taps(y) for j, wx in idx.cols[vi].taps(x)]
         ii = np.array([t[0] for t in taps], dtype=np.int64)
         jj = np.array([t[1] for t in taps], dtype=np.int64)
-        values = idx.cells[vi].values(channel, ii, jj)
-        winners = idx.cells[vi].winners(channel, ii, jj)
+        values, winners = idx.cells[vi].at(channel, ii, jj)
         for k, (i, j, weight) in enumerate(taps):
             q = int(winners[k])
-            out.append(
-                Contribution(
-                    view=vi,
-                    cell=(i, j),
-                    prototype=idx.ref(seg, ex, q) if q >= 0 else None,
-                    cosine=float(values[k]),
-                    weight=weight / len(passes),
-                )
+            term = Contribution(
+                view=vi,
+                cell=(i, j),
+                prototype=idx.ref(seg, ex, q) if q >= 0 else None,
+                cosine=float(values[k]),
+                weight=weight / len(passes),
             )
+            out.append((term, q))
     return out
 
 
@@ -320,17 +314,15 @@ def trace(seg: Segmentation, x: int, y: int) -> PixelTrace:
     _check_point(seg, x, y)
     x, y = int(x), int(y)
     label = int(seg.labels[y, x])
-    contribs = decompose(seg, x, y, label)
+    terms = _terms(seg, x, y, label)
+    contribs = [c for c, _ in terms]
     idx = _index(seg)
     totals: dict[tuple[str, int], float] = {}
     weights: dict[tuple[str, int], float] = {}
-    for c in contribs:
-        if c.prototype is None:
+    for c, q in terms:
+        if q < 0:
             continue
-        key = (
-            seg.views[c.view].extractor,
-            int(idx.cells[c.view].winners(label, np.array([c.cell[0]]), np.array([c.cell[1]]))[0]),
-        )
+        key = (seg.views[c.view].extractor, q)
         totals[key] = totals.get(key, 0.0) + c.weight * c.cosine
         weights[key] = weights.get(key, 0.0) + c.weight
     winner = None
